@@ -1,0 +1,98 @@
+// Argument validation shared by the CPU and CUDA glue (.cpp files only: it includes torch headers).
+// Every message names the argument and says what was expected.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "common/codes.h"
+
+namespace qlora {
+
+inline QuantType parse_quant_type(const std::string& quant_type) {
+  if (quant_type == "nf4") return QuantType::NF4;
+  if (quant_type == "fp4") return QuantType::FP4;
+  TORCH_CHECK_VALUE(false, "quant_type must be 'nf4' or 'fp4', got '", quant_type, "'");
+}
+
+// Blocksizes of the bitsandbytes 4-bit format.
+inline int check_blocksize_4bit(int64_t blocksize) {
+  const int s = blocksize_log2(blocksize);
+  TORCH_CHECK_VALUE(s >= 5 && s <= 12, "blocksize must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096, got ",
+                    blocksize);
+  return s;
+}
+
+// Blocksizes of the dynamic 8-bit format (the nested absmax of double quantization uses 256).
+inline int check_blocksize_8bit(int64_t blocksize, const char* name) {
+  const int s = blocksize_log2(blocksize);
+  TORCH_CHECK_VALUE(s >= 6 && s <= 12, name, " must be a power of two in [64, 4096], got ", blocksize);
+  return s;
+}
+
+inline void check_float_input(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
+                   " must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, " (the device of the packed weight), got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_out_dtype(at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "dtype must be float32, float16 or bfloat16, got ", dtype);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Validates the pieces of a (possibly double-quantized) 4-bit state against each other and
+// returns the element count of `shape`.
+inline int64_t check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                          at::IntArrayRef shape, at::ScalarType dtype,
+                                          const std::optional<at::Tensor>& nested_absmax,
+                                          const std::optional<at::Tensor>& nested_code,
+                                          const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+  check_blocksize_4bit(blocksize);
+  check_out_dtype(dtype);
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed must be uint8 (view other storage dtypes as uint8), got ",
+                   packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.is_contiguous(), "packed must be contiguous");
+  int64_t n = 1;
+  for (auto d : shape) {
+    TORCH_CHECK_VALUE(d >= 0, "shape must not have negative sizes, got ", shape);
+    n *= d;
+  }
+  TORCH_CHECK_VALUE(packed.numel() >= (n + 1) / 2, "packed holds ", packed.numel(), " bytes but shape ", shape,
+                    " needs ", (n + 1) / 2);
+  const int64_t blocks = ceil_div(n, blocksize);
+  TORCH_CHECK_VALUE(absmax.numel() == blocks, "absmax must have ", blocks, " elements (one per block of ", blocksize,
+                    " for shape ", shape, "), got ", absmax.numel());
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == offset.has_value(),
+                    "nested_absmax, nested_code and offset must be given together (double quantization) or not at all");
+  if (!nested) {
+    check_tensor(absmax, "absmax", at::kFloat, packed.device());
+    return n;
+  }
+  check_tensor(absmax, "absmax", at::kByte, packed.device());
+  check_blocksize_8bit(nested_blocksize, "nested_blocksize");
+  check_tensor(*nested_absmax, "nested_absmax", at::kFloat, packed.device());
+  check_tensor(*nested_code, "nested_code", at::kFloat, packed.device());
+  check_tensor(*offset, "offset", at::kFloat, packed.device());
+  TORCH_CHECK_VALUE(nested_code->numel() == 256, "nested_code must have 256 entries, got ", nested_code->numel());
+  TORCH_CHECK_VALUE(offset->numel() == 1, "offset must have one element, got ", offset->numel());
+  TORCH_CHECK_VALUE(nested_absmax->numel() == ceil_div(blocks, nested_blocksize), "nested_absmax must have ",
+                    ceil_div(blocks, nested_blocksize), " elements (one per ", nested_blocksize, " absmax), got ",
+                    nested_absmax->numel());
+  return n;
+}
+
+}  // namespace qlora

@@ -1,0 +1,30 @@
+// The op catalogue: every qlora:: op schema, in one place. Kernels live in cpu/ and cuda/;
+// fake (meta) kernels and autograd are registered in qlora_ext/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(qlora, m) {
+  // Blockwise 4-bit quantization (bitsandbytes format). A: contiguous fp32/fp16/bf16, any shape.
+  // Returns packed uint8 of (numel + 1) // 2 bytes (first element in the high nibble) and float32
+  // absmax, one per block of `blocksize` consecutive elements.
+  m.def("quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor packed, Tensor absmax)");
+
+  // Inverse of quantize_4bit to `dtype` with `shape`. With double quantization, `absmax` is the uint8
+  // codes of (absmax - offset) in the 256-entry `nested_code`, scaled per `nested_blocksize` codes
+  // by float32 `nested_absmax`; decoded in the same launch.
+  m.def(
+      "dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+      "ScalarType dtype, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+      "int nested_blocksize=256) -> Tensor");
+
+  // Blockwise dynamic 8-bit quantization to the nearest of 256 sorted `code` values (used for the
+  // double quantization of absmax). A: contiguous float32. Returns uint8 codes and float32 absmax.
+  m.def("quantize_8bit_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
+}
+
+// The extension is an ops library: importing qlora_ext._C runs the registrations above and in the
+// kernel files; the module itself exposes nothing.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,29 @@
+"""qlora_ext: C++/CUDA-accelerated QLoRA for PyTorch.
+
+Importing the package loads the compiled op library (``torch.ops.qlora.*``, CPU and, when built with
+CUDA, CUDA kernels) and registers the ops' fake kernels.
+"""
+from __future__ import annotations
+
+import torch  # noqa: F401  (the op library links against torch; load it first)
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.qlora.*)
+except ImportError as e:  # pragma: no cover - only when the package was not built
+    raise ImportError(
+        "qlora_ext's compiled extension (qlora_ext._C) is missing or broken: reinstall with "
+        "`pip install --no-build-isolation .` (see README.md)"
+    ) from e
+
+from . import _ops  # noqa: F401,E402
+from .functional import QuantState, dequantize_4bit, quantize_4bit  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def built_with_cuda() -> bool:
+    """True when the compiled library has CUDA kernels (whether or not a GPU is visible now)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("qlora::dequantize_4bit", "CUDA")
+
+
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "built_with_cuda", "__version__"]

@@ -1,0 +1,61 @@
+"""Fake (meta) kernels of the qlora:: ops, so torch.compile and FakeTensor tracing see their output
+shapes without running them. Schemas live in csrc/ops.cpp; real kernels in csrc/cpu and csrc/cuda.
+None of these ops is differentiable (quantization state is not a parameter), so no autograd is
+registered; callers pass detached tensors.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _check_quant_type(quant_type: str) -> None:
+    torch._check(quant_type in ("nf4", "fp4"), lambda: f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+@torch.library.register_fake("qlora::quantize_4bit")
+def _quantize_4bit_fake(A: torch.Tensor, blocksize: int, quant_type: str):
+    torch._check(A.dtype in _FLOATS, lambda: f"A must be float32, float16 or bfloat16, got {A.dtype}")
+    torch._check(blocksize in _BLOCKSIZES_4BIT, lambda: f"blocksize must be one of {_BLOCKSIZES_4BIT}, got {blocksize}")
+    _check_quant_type(quant_type)
+    n = A.numel()
+    packed = A.new_empty(((n + 1) // 2,), dtype=torch.uint8)
+    absmax = A.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32)
+    return packed, absmax
+
+
+@torch.library.register_fake("qlora::dequantize_4bit")
+def _dequantize_4bit_fake(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+):
+    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
+    torch._check(dtype in _FLOATS, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    torch._check(blocksize in _BLOCKSIZES_4BIT, lambda: f"blocksize must be one of {_BLOCKSIZES_4BIT}, got {blocksize}")
+    _check_quant_type(quant_type)
+    nested = nested_absmax is not None
+    torch._check(
+        absmax.dtype == (torch.uint8 if nested else torch.float32),
+        lambda: f"absmax must be {'uint8 (double quantization)' if nested else 'float32'}, got {absmax.dtype}",
+    )
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.register_fake("qlora::quantize_8bit_blockwise")
+def _quantize_8bit_blockwise_fake(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    torch._check(A.dtype == torch.float32, lambda: f"A must be float32, got {A.dtype}")
+    torch._check(code.numel() == 256, lambda: f"code must have 256 entries, got {code.numel()}")
+    n = A.numel()
+    return A.new_empty((n,), dtype=torch.uint8), A.new_empty(((n + blocksize - 1) // blocksize,))

@@ -1,0 +1,283 @@
+"""NF4/FP4 blockwise 4-bit quantization with double quantization, byte-compatible with bitsandbytes.
+
+    packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
+    w_hat = dequantize_4bit(packed, state)            # shape and dtype of w
+    d = state.to_dict(prefix="weight.")                # the keys transformers writes for bnb 4-bit
+    state2 = QuantState.from_dict(d, prefix="weight.", device="cuda")
+
+Format (identical to bitsandbytes 0.50): per block of ``blocksize`` consecutive elements (row-major),
+a float32 absmax; each element stores the index of its code (NF4 or FP4 table) for x / absmax, two
+indices per byte, the first element in the high nibble; ``packed`` has shape ``((numel + 1) // 2, 1)``.
+Double quantization stores ``absmax - mean(absmax)`` as dynamic 8-bit codes with one float32 scale
+per 256 absmax values (``nested_absmax``) and the mean as ``offset``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping
+
+import torch
+
+from . import _ops  # noqa: F401  (registers the fake kernels)
+from .codes import BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, QUANT_TYPES, code_4bit, dynamic_map
+
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_QS_KEY = "quant_state.bitsandbytes__"
+
+
+@dataclasses.dataclass
+class QuantState:
+    """Everything needed to dequantize a packed 4-bit tensor.
+
+    Attributes:
+        absmax: float32 ``(blocks,)`` per-block absmax; with double quantization, the uint8 codes of
+            ``absmax - offset`` in ``nested_code``.
+        shape: shape of the original tensor.
+        dtype: dtype of the original tensor (the default output dtype of :func:`dequantize_4bit`).
+        blocksize: elements per block (32 ... 4096, a power of two).
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        code: float32 ``(16,)`` code table of ``quant_type``.
+        offset: double quantization: float32 0-dim mean of the original absmax, else None.
+        nested_absmax: double quantization: float32 ``(ceil(blocks / nested_blocksize),)`` scales.
+        nested_code: double quantization: float32 ``(256,)`` signed dynamic 8-bit map.
+        nested_blocksize: absmax values per nested scale (256).
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    code: torch.Tensor
+    offset: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.absmax.device
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to(self, device: torch.device | str) -> "QuantState":
+        """A copy of the state with every tensor on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            absmax=move(self.absmax),
+            code=move(self.code),
+            offset=move(self.offset),
+            nested_absmax=move(self.nested_absmax),
+            nested_code=move(self.nested_code),
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of the state's tensors (absmax, nested scales, offset; not the shared code tables)."""
+        total = self.absmax.numel() * self.absmax.element_size()
+        if self.double_quant:
+            total += self.nested_absmax.numel() * 4 + 4
+        return total
+
+    def to_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The state as the flat tensor dict transformers writes for a bitsandbytes 4-bit weight.
+
+        Keys (after ``prefix``): ``absmax``, ``quant_map``, and with double quantization
+        ``nested_absmax``, ``nested_quant_map``; the non-tensor fields go JSON-encoded in a uint8
+        tensor under ``quant_state.bitsandbytes__nf4`` (or ``__fp4``). Safe for safetensors.
+        """
+        meta: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": _DTYPE_NAMES[self.dtype],
+            "shape": list(self.shape),
+        }
+        out = {prefix + "absmax": self.absmax, prefix + "quant_map": self.code}
+        if self.double_quant:
+            out[prefix + "nested_absmax"] = self.nested_absmax
+            out[prefix + "nested_quant_map"] = self.nested_code.clone()
+            meta.update(
+                nested_blocksize=self.nested_blocksize, nested_dtype="float32", nested_offset=self.offset.item()
+            )
+        out[prefix + _QS_KEY + self.quant_type] = torch.tensor(
+            list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8
+        )
+        return out
+
+    @classmethod
+    def from_dict(
+        cls, state_dict: Mapping[str, Any], prefix: str = "", device: torch.device | str | None = None
+    ) -> "QuantState":
+        """Reads a state written by :meth:`to_dict` or by bitsandbytes/transformers.
+
+        ``state_dict`` may hold other keys; only those starting with ``prefix`` are read. Accepts the
+        packed form (``quant_state.bitsandbytes__*``) and bitsandbytes' unpacked form.
+        """
+        items = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        packed_keys = [k for k in items if k.startswith(_QS_KEY)]
+        if len(packed_keys) > 1:
+            raise ValueError(f"state_dict has several quant_state entries under prefix {prefix!r}: {packed_keys}")
+        meta: dict[str, Any] = {}
+        if packed_keys:
+            raw = items[packed_keys[0]]
+            meta = json.loads(bytes(raw.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        else:
+            meta = {k: items[k] for k in ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize",
+                                          "nested_offset") if k in items}
+        for key in ("quant_type", "blocksize", "dtype", "shape"):
+            if key not in meta:
+                raise ValueError(f"state_dict has no quantization field {prefix + key!r} (nor a packed "
+                                 f"{prefix + _QS_KEY}nf4|fp4 entry)")
+        for key in ("absmax", "quant_map"):
+            if key not in items:
+                raise ValueError(f"state_dict is missing {prefix + key!r}")
+        quant_type = meta["quant_type"]
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+        dtype = getattr(torch, str(meta["dtype"]).replace("torch.", ""), None)
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {meta['dtype']!r}")
+        code = items["quant_map"].to(device=device, dtype=torch.float32)
+        if not torch.equal(code.cpu(), code_4bit(quant_type)):
+            raise ValueError(f"{prefix}quant_map is not the standard {quant_type} table; custom 4-bit codes "
+                             "are not supported")
+        state = cls(
+            absmax=items["absmax"].to(device),
+            shape=torch.Size(meta["shape"]),
+            dtype=dtype,
+            blocksize=int(meta["blocksize"]),
+            quant_type=quant_type,
+            code=code,
+        )
+        if "nested_absmax" in items:
+            if "nested_quant_map" not in items or "nested_offset" not in meta:
+                raise ValueError(f"state_dict has {prefix}nested_absmax but not nested_quant_map/nested_offset")
+            state.nested_absmax = items["nested_absmax"].to(device=device, dtype=torch.float32)
+            state.nested_code = items["nested_quant_map"].to(device=device, dtype=torch.float32)
+            state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=device)
+            state.nested_blocksize = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
+        _validate_state(state)
+        return state
+
+
+def _validate_state(state: QuantState) -> None:
+    if state.blocksize not in BLOCKSIZES_4BIT:
+        raise ValueError(f"state.blocksize must be one of {BLOCKSIZES_4BIT}, got {state.blocksize}")
+    if state.quant_type not in QUANT_TYPES:
+        raise ValueError(f"state.quant_type must be 'nf4' or 'fp4', got {state.quant_type!r}")
+    blocks = -(-state.numel // state.blocksize)
+    if state.absmax.numel() != blocks:
+        raise ValueError(f"state.absmax has {state.absmax.numel()} elements but shape {tuple(state.shape)} with "
+                         f"blocksize {state.blocksize} has {blocks} blocks")
+    want = torch.uint8 if state.double_quant else torch.float32
+    if state.absmax.dtype != want:
+        raise ValueError(f"state.absmax must be {want} {'(double quantization)' if state.double_quant else ''}, "
+                         f"got {state.absmax.dtype}")
+
+
+def _check_weight(w: Any) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"w must be float32, float16 or bfloat16, got {w.dtype}")
+    if w.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"w must be on cpu or cuda, got {w.device}")
+    if w.device.type != "meta" and not torch.compiler.is_compiling() and not bool(torch.isfinite(w).all()):
+        raise ValueError("w contains NaN or Inf; 4-bit quantization needs finite weights")
+
+
+def quantize_4bit(
+    w: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[torch.Tensor, QuantState]:
+    """Blockwise 4-bit quantization, byte-identical to ``bitsandbytes.functional.quantize_4bit``.
+
+    Args:
+        w: float32/float16/bfloat16 tensor of any shape (any layout; read in row-major order).
+        blocksize: elements per absmax block: 32, 64, 128, 256, 512, 1024, 2048 or 4096.
+        quant_type: ``"nf4"`` (NormalFloat, for normally distributed weights) or ``"fp4"``.
+        double_quant: also quantize the absmax (8-bit, blocks of 256): 4.127 instead of 4.5 bits per
+            parameter at blocksize 64 (bitsandbytes' ``compress_statistics``).
+        quant_storage: dtype the packed bytes are viewed as (uint8, or e.g. bfloat16 so FSDP can shard
+            them with the other parameters); the byte stream is padded with zeros to a whole number of
+            elements, which dequantization ignores.
+
+    Returns:
+        ``(packed, state)``: packed of shape ``(nbytes // itemsize, 1)`` and dtype ``quant_storage``, and
+        the :class:`QuantState`.
+    """
+    _check_weight(w)
+    if blocksize not in BLOCKSIZES_4BIT:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES_4BIT}, got {blocksize!r}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if quant_storage not in _STORAGE_DTYPES:
+        raise TypeError(f"quant_storage must be one of {_STORAGE_DTYPES}, got {quant_storage}")
+    shape, dtype = w.shape, w.dtype
+    packed, absmax = torch.ops.qlora.quantize_4bit(w.detach().contiguous(), blocksize, quant_type)
+    state = QuantState(absmax, shape, dtype, blocksize, quant_type, code_4bit(quant_type, w.device))
+    if double_quant:
+        offset = absmax.mean()  # the same reduction bitsandbytes uses, so the offset is bit-identical
+        code8 = dynamic_map(w.device)
+        qabsmax, nested_absmax = torch.ops.qlora.quantize_8bit_blockwise(absmax - offset, code8, NESTED_BLOCKSIZE)
+        state.absmax, state.offset, state.nested_absmax, state.nested_code = qabsmax, offset, nested_absmax, code8
+    return _to_storage(packed, quant_storage), state
+
+
+def _to_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
+    if quant_storage != torch.uint8:
+        itemsize = torch.empty((), dtype=quant_storage).element_size()
+        pad = -packed.numel() % itemsize
+        if pad:
+            packed = torch.cat([packed, packed.new_zeros(pad)])
+        packed = packed.view(quant_storage)
+    return packed.unsqueeze(1)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_4bit`: a tensor of ``state.shape`` and ``out_dtype`` (default
+    ``state.dtype``), bit-identical to ``bitsandbytes.functional.dequantize_4bit``. With double
+    quantization the absmax is decoded in the same kernel launch.
+    """
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    out_dtype = state.dtype if out_dtype is None else out_dtype
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if packed.device != state.absmax.device:
+        raise ValueError(f"packed is on {packed.device} but state.absmax is on {state.absmax.device}; move both "
+                         "to one device (state.to(device))")
+    if not packed.is_contiguous():
+        raise ValueError("packed must be contiguous")
+    _validate_state(state)
+    data = packed.reshape(-1).view(torch.uint8)
+    if data.numel() < (state.numel + 1) // 2:
+        raise ValueError(f"packed holds {data.numel()} bytes but state.shape {tuple(state.shape)} needs "
+                         f"{(state.numel + 1) // 2}; packed and state do not belong together")
+    if state.double_quant:
+        return torch.ops.qlora.dequantize_4bit(
+            data, state.absmax, state.blocksize, state.quant_type, list(state.shape), out_dtype,
+            state.nested_absmax, state.nested_code, state.offset.reshape(1), state.nested_blocksize,
+        )
+    return torch.ops.qlora.dequantize_4bit(
+        data, state.absmax, state.blocksize, state.quant_type, list(state.shape), out_dtype
+    )
