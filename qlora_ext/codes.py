@@ -24,16 +24,37 @@ NF4_VALUES = (
 #: three bits 000..111 encode 0, 0.0625, 8, 12, 4, 6, 2, 3; divided by the maximum, 12.
 FP4_VALUES = tuple(v / 12.0 for v in (0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3))
 
-#: The quantizer's decision thresholds (element goes above a threshold when ``scaled > t``).
-#: For NF4 they are exactly the float32 midpoints of adjacent codes.
+#: The quantizer's decision thresholds, as the float32 values bitsandbytes' CUDA kernel compares
+#: against (``scaled > t``: an element exactly on a threshold takes the lower code). Its source writes
+#: them as decimals parsed straight to float32, so four NF4 thresholds (the 1st, 9th, 13th and 15th)
+#: sit one ulp off the float32 midpoints of adjacent codes. Hex literals keep them exact here.
 NF4_THRESHOLDS = (
-    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
-    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
+    float.fromhex("-0x1.b239b20000000p-1"),  # -0.8480964303016663
+    float.fromhex("-0x1.38a4e00000000p-1"),  # -0.6106328964233398
+    float.fromhex("-0x1.d709000000000p-2"),  # -0.4599952697753906
+    float.fromhex("-0x1.5bd4ec0000000p-2"),  # -0.33967941999435425
+    float.fromhex("-0x1.e079d80000000p-3"),  # -0.23460739850997925
+    float.fromhex("-0x1.1a71780000000p-3"),  # -0.13791173696517944
+    float.fromhex("-0x1.74f0e20000000p-5"),  # -0.045525018125772476
+    float.fromhex("0x1.45f5fe0000000p-5"),  # 0.03979014977812767
+    float.fromhex("0x1.ec90c60000000p-4"),  # 0.1202552542090416
+    float.fromhex("0x1.a0cfc00000000p-3"),  # 0.2035212516784668
+    float.fromhex("0x1.2b05a80000000p-2"),  # 0.2920137643814087
+    float.fromhex("0x1.8ea7f20000000p-2"),  # 0.3893125355243683
+    float.fromhex("0x1.00da060000000p-1"),  # 0.5016633868217468
+    float.fromhex("0x1.491b5e0000000p-1"),  # 0.6427869200706482
+    float.fromhex("0x1.b913b20000000p-1"),  # 0.8614783883094788
 )
 #: FP4 thresholds on |scaled| (bitsandbytes' decimal constants; 0.583333 is not the exact midpoint).
-FP4_MAGNITUDE_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+FP4_MAGNITUDE_THRESHOLDS = (
+    float.fromhex("0x1.5555720000000p-9"),  # 0.0026041700039058924
+    float.fromhex("0x1.6000000000000p-4"),  # 0.0859375
+    float.fromhex("0x1.aaaaaa0000000p-3"),  # 0.2083333283662796
+    float.fromhex("0x1.2aaaaa0000000p-2"),  # 0.2916666567325592
+    float.fromhex("0x1.aaaaac0000000p-2"),  # 0.4166666865348816
+    float.fromhex("0x1.2aaaa00000000p-1"),  # 0.5833330154418945
+    float.fromhex("0x1.aaaaaa0000000p-1"),  # 0.8333333134651184
+)
 #: FP4 bit pattern (without sign) of each magnitude rank 0..7 (rank = thresholds exceeded).
 FP4_RANK_TO_BITS = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 

@@ -85,7 +85,9 @@ QLORA_HD float fp4_value(int i) {
 QLORA_HD float code4_value(QuantType qt, int i) { return qt == QuantType::NF4 ? nf4_value(i) : fp4_value(i); }
 
 // NF4 index: how many of the 15 decision thresholds `x` exceeds (the codes are sorted). Branch-free,
-// so it vectorises on the CPU; equal to a decision tree over the same `x > t` comparisons.
+// so it vectorises on the CPU; equal to a decision tree over the same `x > t` comparisons. The decimal
+// literals are bitsandbytes' own; parsed to float32, four of them (1st, 9th, 13th, 15th) sit one ulp
+// off the float32 midpoints of the codes (qlora_ext/codes.py spells them exactly, in hex).
 QLORA_HD uint8_t nf4_quantize(float x) {
   return static_cast<uint8_t>(
       (x > -0.8480964004993439f) + (x > -0.6106329262256622f) + (x > -0.4599952697753906f) +
