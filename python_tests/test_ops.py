@@ -1,0 +1,71 @@
+"""The qlora:: custom ops as PyTorch sees them: opcheck (schema, fake kernel, dispatch), FakeTensor
+shapes, torch.compile, and registration of the CUDA kernels in the build."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_weight
+
+import qlora_ext
+from qlora_ext import dequantize_4bit, quantize_4bit
+from qlora_ext.codes import dynamic_map
+
+
+def _samples(device="cpu"):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape, blocksize in (((257, 123), 64), ((1001,), 4096), ((7, 33), 32)):
+            yield dtype, random_weight(shape, dtype, device), blocksize
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_opcheck_quantize_4bit(quant_type):
+    for _, w, blocksize in _samples():
+        torch.library.opcheck(torch.ops.qlora.quantize_4bit.default, (w, blocksize, quant_type))
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_opcheck_dequantize_4bit(double_quant):
+    for dtype, w, blocksize in _samples():
+        packed, s = quantize_4bit(w, blocksize=blocksize, double_quant=double_quant)
+        args = (packed.flatten(), s.absmax, blocksize, s.quant_type, list(s.shape), dtype)
+        if double_quant:
+            args += (s.nested_absmax, s.nested_code, s.offset.reshape(1), 256)
+        torch.library.opcheck(torch.ops.qlora.dequantize_4bit.default, args)
+
+
+def test_opcheck_quantize_8bit_blockwise():
+    for n in (1, 255, 256, 1000, 70000):
+        torch.library.opcheck(torch.ops.qlora.quantize_8bit_blockwise.default, (torch.randn(n), dynamic_map(), 256))
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        w = torch.empty(300, 77, dtype=torch.bfloat16)
+        packed, absmax = torch.ops.qlora.quantize_4bit(w, 64, "nf4")
+        assert packed.shape == (11550,) and absmax.shape == (361,) and absmax.dtype == torch.float32
+        out = torch.ops.qlora.dequantize_4bit(packed, absmax, 64, "nf4", [300, 77], torch.float16)
+        assert out.shape == (300, 77) and out.dtype == torch.float16
+
+
+def test_torch_compile_matches_eager():
+    w = random_weight((96, 200), torch.bfloat16)
+    packed, state = quantize_4bit(w, double_quant=True)
+
+    def f(packed, x):
+        return x @ dequantize_4bit(packed, state).t()
+
+    x = torch.randn(5, 200, dtype=torch.bfloat16)
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    assert torch.equal(compiled(packed, x), f(packed, x))
+
+
+def test_cuda_kernels_are_registered_in_a_cuda_build():
+    if torch.version.cuda is None:
+        pytest.skip("torch has no CUDA: the CPU-only build is expected")
+    if not qlora_ext.built_with_cuda():
+        pytest.skip("built CPU-only (QLORA_EXT_FORCE_CPU or no nvcc)")
+    for op in ("quantize_4bit", "dequantize_4bit", "quantize_8bit_blockwise"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qlora::{op}", "CUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qlora::{op}", "CPU")
