@@ -26,4 +26,13 @@ def built_with_cuda() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("qlora::dequantize_4bit", "CUDA")
 
 
-__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "built_with_cuda", "__version__"]
+def kernels_in_use(device: str | None = None) -> str:
+    """One line saying which kernels run on ``device`` (default: cuda when available), for logs."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda"):
+        return f"qlora_ext: CUDA kernels on {torch.cuda.get_device_name(torch.device(device))}"
+    cuda_note = "CUDA kernels compiled in, no GPU visible" if built_with_cuda() else "CPU-only build"
+    return f"qlora_ext: CPU kernels ({torch.get_num_threads()} threads; {cuda_note})"
+
+
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "built_with_cuda", "kernels_in_use", "__version__"]
