@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one command a lent GPU runs: build with all cores, run the whole test suite (CUDA tests
+# included), every benchmark in bench/, logs and JSON under $OUT (or the folder given), a short
+# table printed last. From the repository root:   bash bench/gpu_check.sh [OUT_DIR]
+# Carried wheels in .whl/ (bitsandbytes, torchao: ../shared/gpu/fetch-wheels.sh) are installed first.
+set -uo pipefail
+OUT_DIR=${1:-${OUT:-bench/out}}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+echo "== build"
+t0=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+  python3 setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1 || { tail -40 "$OUT_DIR/build.log"; exit 1; }
+echo "built in $(( $(date +%s) - t0 )) s"
+
+echo "== tests (all; CUDA ones included)"
+python3 -m pytest python_tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest.log" | tail -15
+
+echo "== benchmarks"
+python3 -m pytest bench/bench_quantize.py -q -p no:cacheprovider --benchmark-enable \
+  --benchmark-json="$OUT_DIR/bench_quantize.json" --benchmark-columns=median,iqr,rounds >"$OUT_DIR/bench_quantize.log" 2>&1
+grep -E "^test_|passed|failed" "$OUT_DIR/bench_quantize.log" | tail -12
+python3 -m qlora_ext quant-report --device cuda --json "$OUT_DIR/quant_report.json" | tail -4
+python3 bench/quant_speed.py --json "$OUT_DIR/quant_speed.json" 2>&1 | tee "$OUT_DIR/quant_speed.txt"

@@ -1,0 +1,78 @@
+"""Timing helpers shared by the benchmarks: CUDA-graph replay timed with events (launch gaps out),
+host timing for CPU kernels, and the two ceilings (copy bandwidth, bf16 matmul rate)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def cpu_time(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cuda_time(fns: Sequence[Callable[[], object]], inner: int = 10, reps: int = 20) -> tuple[float, str]:
+    """Median seconds per call over ``fns`` (rotated, e.g. over inputs larger than L2 together):
+    a CUDA graph of ``inner`` rounds, replayed ``reps`` times between events. Falls back to an
+    event-timed eager loop when the callables cannot be captured; the method used is returned."""
+    calls = inner * len(fns)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                for f in fns:
+                    f()
+        run, method = graph.replay, "cuda-graph"
+    except Exception:  # not capturable: time the eager loop instead
+        torch.cuda.synchronize()
+
+        def run():
+            for _ in range(inner):
+                for f in fns:
+                    f()
+
+        method = "eager"
+    run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times), method
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    t, _ = cuda_time([lambda: dst.copy_(src)], inner=5, reps=10)
+    return 2 * nbytes / t
+
+
+def bf16_matmul_rate(n: int = 8192) -> float:
+    """bf16 matmul FLOP/s on random n x n x n operands."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t, _ = cuda_time([lambda: a @ b], inner=3, reps=5)
+    return 2 * n**3 / t
