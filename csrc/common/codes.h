@@ -4,7 +4,7 @@
 // exercise the exact arithmetic the GPU runs. Plain C++: no torch headers (they cost minutes per .cu).
 //
 // Bit-compatibility rules (the format every Hugging Face 4-bit checkpoint was written with):
-//   * scaled = x * (1 / absmax), both float32 operations rounded once, never fused;
+//   * scaled = x * (1 / absmax), float32, never fused (the GPU's 1/absmax: see inv_absmax);
 //   * NF4/FP4 index = the code whose decision interval holds `scaled`, with the float32 decision
 //     thresholds bitsandbytes' CUDA kernel compares against (`scaled > t`), so ties and NaN land where
 //     bitsandbytes puts them (NaN, from an all-zero block, gives index 0);
@@ -120,12 +120,30 @@ QLORA_HD int high_nibble(uint8_t b) { return b >> 4; }
 QLORA_HD int low_nibble(uint8_t b) { return b & 0x0F; }
 
 // Reciprocal of a block's absmax. An all-zero block gives +inf, and 0 * inf = NaN then quantizes to
-// index 0, exactly as bitsandbytes' CUDA kernel does; the decoded value is still 0 (code * 0).
+// index 0, exactly as bitsandbytes does; the decoded values are still 0 (code * 0).
+// On the GPU this is the instruction bitsandbytes' CUDA kernels (built with --use_fast_math) execute,
+// rcp.approx.ftz.f32, so packed bytes match theirs bit for bit. The host has no such instruction and
+// uses the IEEE reciprocal (as bitsandbytes' CPU backend does); the two differ by at most one ulp, so
+// CPU and GPU quantization agree except for the rare element within an ulp or two of a threshold.
 QLORA_HD float inv_absmax(float absmax) {
 #if defined(__CUDA_ARCH__)
-  return __frcp_rn(absmax);  // IEEE round-to-nearest, like the host's 1.0f / absmax
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(absmax));
+  return r;
 #else
   return 1.0f / absmax;
+#endif
+}
+
+// x * (1 / absmax). On the GPU with flush-to-zero, as bitsandbytes' fast-math build computes it (it
+// only matters for denormal inputs); IEEE on the host.
+QLORA_HD float scale_to_unit(float x, float inv) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(x), "f"(inv));
+  return r;
+#else
+  return x * inv;
 #endif
 }
 

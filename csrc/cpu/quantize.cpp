@@ -36,12 +36,12 @@ void quantize_4bit_blocks(const T* A, int64_t n, int64_t bs, uint8_t* out, float
       uint8_t* o = out + start / 2;  // blocksizes are even, so every block starts on a byte
       const int64_t pairs = len / 2;
       for (int64_t p = 0; p < pairs; ++p) {
-        o[p] = pack_nibbles(quantize4(QT, mul_rn(static_cast<float>(x[2 * p]), inv)),
-                            quantize4(QT, mul_rn(static_cast<float>(x[2 * p + 1]), inv)));
+        o[p] = pack_nibbles(quantize4(QT, scale_to_unit(static_cast<float>(x[2 * p]), inv)),
+                            quantize4(QT, scale_to_unit(static_cast<float>(x[2 * p + 1]), inv)));
       }
       if (len & 1) {  // odd tail of the last block: the missing element is quantized as 0.0
-        o[pairs] = pack_nibbles(quantize4(QT, mul_rn(static_cast<float>(x[len - 1]), inv)),
-                                quantize4(QT, mul_rn(0.0f, inv)));
+        o[pairs] = pack_nibbles(quantize4(QT, scale_to_unit(static_cast<float>(x[len - 1]), inv)),
+                                quantize4(QT, scale_to_unit(0.0f, inv)));
       }
     }
   });
@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cpu(const at::Tensor&
       const float amax = block_absmax(a + start, len);
       am[b] = amax;
       const float inv = inv_absmax(amax);
-      for (int64_t i = 0; i < len; ++i) qo[start + i] = dynamic8_quantize(mids.data(), mul_rn(a[start + i], inv));
+      for (int64_t i = 0; i < len; ++i) qo[start + i] = dynamic8_quantize(mids.data(), scale_to_unit(a[start + i], inv));
     }
   });
   return {q, absmax};

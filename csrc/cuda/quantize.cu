@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int64_t p = lane; p < (len + 1) / 2; p += 32) {
     const float a = to_float(x[2 * p]);
     const float b = 2 * p + 1 < len ? to_float(x[2 * p + 1]) : 0.0f;
-    o[p] = pack_nibbles(quantize4(QT, mul_rn(a, inv)), quantize4(QT, mul_rn(b, inv)));
+    o[p] = pack_nibbles(quantize4(QT, scale_to_unit(a, inv)), quantize4(QT, scale_to_unit(b, inv)));
   }
 }
 
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   amax = warp_max(amax);
   if (lane == 0) absmax[block] = amax;
   const float inv = inv_absmax(amax);
-  for (int64_t i = lane; i < len; i += 32) q[start + i] = dynamic8_quantize(mids, mul_rn(A[start + i], inv));
+  for (int64_t i = lane; i < len; i += 32) q[start + i] = dynamic8_quantize(mids, scale_to_unit(A[start + i], inv));
 }
 
 }  // namespace
