@@ -22,7 +22,7 @@ MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 echo "built in $(( $(date +%s) - t0 )) s"
 
 echo "== tests (all; CUDA ones included)"
-python3 -m pytest python_tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest.log" | tail -15
+python3 -m pytest python_tests -q --tb=short -rfE --maxfail=30 -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest.log" | tail -40
 
 echo "== benchmarks"
 python3 -m pytest bench/bench_quantize.py -q -p no:cacheprovider --benchmark-enable \
