@@ -21,8 +21,13 @@ MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   python3 setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1 || { tail -40 "$OUT_DIR/build.log"; exit 1; }
 echo "built in $(( $(date +%s) - t0 )) s"
 
-echo "== tests (all; CUDA ones included)"
-python3 -m pytest python_tests -q --tb=short -rfE --maxfail=30 -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest.log" | tail -40
+echo "== C++ errors surface as Python exceptions"
+python3 -c "import torch, qlora_ext; torch.ops.qlora.quantize_4bit(torch.randn(64, 2).t(), 64, 'nf4')" 2>&1 | tail -1
+echo "rc=$? (CXX=${CXX:-unset} CC=${CC:-unset}; $(ldd qlora_ext/_C*.so | grep -E 'stdc|gcc_s' | tr -s ' ' | tr '\n' ' '))"
+
+echo "== tests: CUDA first, then the rest"
+python3 -m pytest python_tests -m cuda -q --tb=short -rfE --maxfail=30 -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest.log" | tail -25
+python3 -m pytest python_tests -m "not cuda" -q --tb=short -rfE --maxfail=30 -p no:cacheprovider 2>&1 | tee -a "$OUT_DIR/pytest.log" | tail -15
 
 echo "== benchmarks"
 python3 -m pytest bench/bench_quantize.py -q -p no:cacheprovider --benchmark-enable \

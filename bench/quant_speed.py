@@ -55,20 +55,23 @@ def cpu_bench(rows: list, n: int = 2048) -> None:
             rows[-1]["bnb_ms"], rows[-1]["speedup_vs_bnb"] = t_db * 1e3, t_db / t_d
 
 
-def _torchao_nf4():
+def _torchao_nf4(ceilings: dict):
     try:
         from torchao.dtypes.nf4tensor import to_nf4
 
         return to_nf4
-    except Exception:
+    except Exception as e:
+        ceilings["torchao"] = f"not measured: {e!r}"[:300]
         return None
 
 
 def gpu_bench(rows: list, ceilings: dict) -> None:
-    ceilings["copy_GBps"] = copy_bandwidth() / 1e9
+    copies = copy_bandwidth()
+    ceilings.update({f"copy_{k}_GBps": v / 1e9 for k, v in copies.items()})
+    ceilings["copy_GBps"] = copies["best"] / 1e9
     ceilings["bf16_matmul_TFLOPs"] = bf16_matmul_rate() / 1e12
     bw = ceilings["copy_GBps"] * 1e9
-    to_nf4 = _torchao_nf4()
+    to_nf4 = _torchao_nf4(ceilings)
     rotate = 4  # distinct weights per round: their packed bytes exceed L2 together
     for (n, out_dtype, dq) in [(8192, torch.bfloat16, True), (8192, torch.bfloat16, False), (8192, torch.float16, True),
                                (8192, torch.float32, True), (4096, torch.bfloat16, True)]:
