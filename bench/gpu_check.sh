@@ -22,8 +22,15 @@ MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 echo "built in $(( $(date +%s) - t0 )) s"
 
 echo "== C++ errors surface as Python exceptions"
-python3 -c "import torch, qlora_ext; torch.ops.qlora.quantize_4bit(torch.randn(64, 2).t(), 64, 'nf4')" 2>&1 | tail -1
-echo "rc=$? (CXX=${CXX:-unset} CC=${CC:-unset}; $(ldd qlora_ext/_C*.so | grep -E 'stdc|gcc_s' | tr -s ' ' | tr '\n' ' '))"
+probe() { python3 -c "import torch, qlora_ext; torch.ops.qlora.quantize_4bit(torch.randn(64, 2).t(), 64, 'nf4')" 2>&1 | tail -1; return ${PIPESTATUS[0]}; }
+probe; rc=$?
+echo "rc=$rc (CC=${CC:-unset} CXX=${CXX:-unset}; $(ldd qlora_ext/_C*.so | grep -E 'stdc|gcc_s' | tr -s ' ' | tr '\n' ' '))"
+if [ "$rc" -ge 128 ] && [ -x /usr/bin/g++ ]; then
+  echo "crashed: rebuilding with the system compiler /usr/bin/g++ ($(/usr/bin/g++ --version | head -1))"
+  CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+    python3 setup.py build_ext --inplace --force >>"$OUT_DIR/build.log" 2>&1
+  probe; echo "rc=$? after the rebuild"
+fi
 
 echo "== tests: CUDA first, then the rest"
 python3 -m pytest python_tests -m cuda -q --tb=short -rfE --maxfail=30 -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest.log" | tail -25
