@@ -38,11 +38,11 @@ def cuda_device():
 
 
 def random_weight(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """Weights as they come: normal with per-row scales over several decades, a few outliers,
-    and (when large enough) an all-zero stretch, which exercises the absmax == 0 path."""
-    w = torch.randn(shape, dtype=torch.float32, device=device)
+    """Weights as they come: normal with per-row scales over several decades (within float16's
+    range), a few 8x outliers, and (when large enough) an all-zero stretch (the absmax == 0 path)."""
+    w = torch.randn(shape, dtype=torch.float32, device=device).clamp(-6, 6)
     if w.dim() >= 1 and w.numel():
-        w = w * torch.exp(torch.randn(*shape[:-1], 1, device=device) * 2) if w.dim() > 1 else w
+        w = w * torch.exp(torch.randn(*shape[:-1], 1, device=device).clamp(-3, 3) * 2) if w.dim() > 1 else w
         flat = w.view(-1)
         idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 500),), device=device)
         flat[idx] *= 8

@@ -49,11 +49,12 @@ void dequantize_4bit_blocks(const uint8_t* packed, const float* absmax, const Ne
 }
 
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                               const std::string& quant_type, at::IntArrayRef shape, at::ScalarType dtype,
+                               const std::string& quant_type, c10::SymIntArrayRef sym_shape, at::ScalarType dtype,
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                                int64_t nested_blocksize) {
   const QuantType qt = parse_quant_type(quant_type);
+  const std::vector<int64_t> shape = C10_AS_INTARRAYREF_SLOW(sym_shape).vec();
   const int64_t n = check_dequantize_4bit_args(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code,
                                                offset, nested_blocksize);
   auto out = at::empty(shape, packed.options().dtype(dtype));

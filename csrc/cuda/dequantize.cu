@@ -94,6 +94,53 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Same work as dequantize_4bit_vec_kernel, but the CTA first decodes the absmax of all blocks its
+// tile covers into shared memory (tiles start on block boundaries: blocksizes <= 4096 divide the tile),
+// so a chunk pays one shared load for its scale instead of the (double-quantized) global loads.
+template <typename T, bool NESTED>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_4bit_staged_kernel(const uint8_t* __restrict__ packed_bytes, const float* __restrict__ absmax,
+                                  const NestedAbsmax nested, QuantType qt, int64_t chunks, int bs_log2,
+                                  T* __restrict__ out) {
+  constexpr int E = 16 / sizeof(T);
+  constexpr int kTile = kThreads * kUnroll * E;  // elements per CTA
+  using Word = std::conditional_t<E == 8, uint32_t, uint16_t>;
+  const Word* packed = reinterpret_cast<const Word*>(packed_bytes);
+  __shared__ float s_code[16];
+  __shared__ float s_code8[NESTED ? 256 : 1];
+  __shared__ float s_absmax[kTile / 32];
+  const int64_t chunk0 = static_cast<int64_t>(blockIdx.x) * (kThreads * kUnroll);
+
+  Word w[kUnroll];
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k) {  // the weight loads go out first, the scales are staged meanwhile
+    const int64_t c = chunk0 + threadIdx.x + k * kThreads;
+    if (c < chunks) w[k] = __ldcs(packed + c);
+  }
+  load_tables<NESTED>(qt, nested, s_code, s_code8);
+  const float offset = NESTED ? *nested.offset : 0.0f;
+  const int64_t block0 = (chunk0 * E) >> bs_log2;
+  const int64_t blocks = ((chunks * E) + (int64_t{1} << bs_log2) - 1) >> bs_log2;
+  for (int j = threadIdx.x; j < (kTile >> bs_log2); j += kThreads) {
+    if (block0 + j < blocks) s_absmax[j] = load_absmax<NESTED>(absmax, nested, s_code8, offset, block0 + j);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k) {
+    const int64_t c = chunk0 + threadIdx.x + k * kThreads;
+    if (c >= chunks) break;
+    const float am = s_absmax[((threadIdx.x + k * kThreads) * E) >> bs_log2];
+    float v[E];
+#pragma unroll
+    for (int b = 0; b < E / 2; ++b) {
+      const uint32_t byte = (static_cast<uint32_t>(w[k]) >> (8 * b)) & 0xFFu;
+      v[2 * b] = decode4(s_code[byte >> 4], am);
+      v[2 * b + 1] = decode4(s_code[byte & 0xFu], am);
+    }
+    store_chunk<T, E>(out + c * E, v);
+  }
+}
+
 // One element per thread: the tail after the full groups, or everything when unaligned.
 template <typename T, bool NESTED>
 __global__ void __launch_bounds__(kThreads)
@@ -113,12 +160,15 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, bool NESTED>
 void launch(const uint8_t* packed, const float* absmax, const NestedAbsmax& nested, QuantType qt, int64_t n,
-            int bs_log2, T* out, cudaStream_t stream) {
+            int bs_log2, T* out, bool staged, cudaStream_t stream) {
   constexpr int E = 16 / sizeof(T);
   const bool aligned =
       reinterpret_cast<uintptr_t>(packed) % (E / 2) == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const int64_t chunks = aligned ? n / E : 0;
-  if (chunks > 0) {
+  if (chunks > 0 && staged) {
+    dequantize_4bit_staged_kernel<T, NESTED><<<grid_for(chunks, kThreads * kUnroll), kThreads, 0, stream>>>(
+        packed, absmax, nested, qt, chunks, bs_log2, out);
+  } else if (chunks > 0) {
     dequantize_4bit_vec_kernel<T, NESTED><<<grid_for(chunks, kThreads * kUnroll), kThreads, 0, stream>>>(
         packed, absmax, nested, qt, chunks, bs_log2, out);
   }
@@ -132,13 +182,13 @@ void launch(const uint8_t* packed, const float* absmax, const NestedAbsmax& nest
 }  // namespace
 
 void dequantize_4bit(const uint8_t* packed, const float* absmax, const NestedAbsmax& nested, QuantType qt, int64_t n,
-                     int bs_log2, void* out, DType dtype, cudaStream_t stream) {
+                     int bs_log2, void* out, DType dtype, bool staged, cudaStream_t stream) {
   if (n == 0) return;
   QLORA_DISPATCH_DTYPE(dtype, {
     if (nested.q)
-      launch<T, true>(packed, absmax, nested, qt, n, bs_log2, static_cast<T*>(out), stream);
+      launch<T, true>(packed, absmax, nested, qt, n, bs_log2, static_cast<T*>(out), staged, stream);
     else
-      launch<T, false>(packed, absmax, nested, qt, n, bs_log2, static_cast<T*>(out), stream);
+      launch<T, false>(packed, absmax, nested, qt, n, bs_log2, static_cast<T*>(out), staged, stream);
   });
 }
 
