@@ -34,8 +34,6 @@ fi
 
 echo "== tests: CUDA first, then the rest"
 python3 -m pytest python_tests -m cuda -q --tb=short -rfE --maxfail=30 -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest.log" | tail -25
-QLORA_EXT_DEQUANT_KERNEL=staged python3 -m pytest python_tests/test_cuda_kernels.py python_tests/test_bnb_compat.py -m cuda -q \
-  --tb=short -rfE --maxfail=10 -p no:cacheprovider 2>&1 | tee -a "$OUT_DIR/pytest.log" | tail -8
 python3 -m pytest python_tests -m "not cuda" -q --tb=short -rfE --maxfail=30 -p no:cacheprovider 2>&1 | tee -a "$OUT_DIR/pytest.log" | tail -15
 
 echo "== benchmarks"

@@ -79,13 +79,10 @@ def gpu_bench(rows: list, ceilings: dict) -> None:
         qs = [quantize_4bit(w, blocksize=64, double_quant=dq) for w in ws]
         absmax_bytes = qs[0][1].nbytes()
         moved = n * n // 2 + absmax_bytes + n * n * torch.empty((), dtype=out_dtype).element_size()
-        for kernel in ("direct", "staged"):  # QLORA_EXT_DEQUANT_KERNEL picks the CUDA kernel
-            os.environ["QLORA_EXT_DEQUANT_KERNEL"] = kernel
-            t, method = cuda_time([lambda p=p, s=s: dequantize_4bit(p, s, out_dtype=out_dtype) for p, s in qs])
-            row = _row(rows, device=torch.cuda.get_device_name(), op=f"dequantize nf4{'+dq' if dq else ''} {kernel}",
-                       shape=f"{n}x{n}", dtype=str(out_dtype)[6:], ours_us=t * 1e6, GBps=moved / t / 1e9,
-                       frac_copy_bw=moved / t / bw, timing=method)
-        os.environ.pop("QLORA_EXT_DEQUANT_KERNEL")
+        t, method = cuda_time([lambda p=p, s=s: dequantize_4bit(p, s, out_dtype=out_dtype) for p, s in qs])
+        row = _row(rows, device=torch.cuda.get_device_name(), op=f"dequantize nf4{'+dq' if dq else ''}",
+                   shape=f"{n}x{n}", dtype=str(out_dtype)[6:], ours_us=t * 1e6, GBps=moved / t / 1e9,
+                   frac_copy_bw=moved / t / bw, timing=method)
         if BF is not None:
             bqs = [BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq) for w in ws]
             for _, s in bqs:

@@ -3,8 +3,9 @@
 // Memory-bound: per element it reads 0.5 B and writes sizeof(T). A thread decodes chunks of
 // 16 / sizeof(T) elements (8 for 16-bit outputs: one 4-byte load, one 16-byte store), consecutive
 // lanes taking consecutive chunks so that a warp's loads and stores are both fully coalesced, with
-// kUnroll chunks' loads in flight before the first use. Blocksizes are multiples of 32, so a chunk
-// never straddles two blocks. The 16 code values sit in shared memory: 16 words in 16 distinct
+// kUnroll chunks' loads in flight before the first use (a first version giving each thread 32
+// contiguous elements wrote 64-byte-strided 16-byte stores and ran at 0.67 of copy bandwidth).
+// Blocksizes are multiples of 32, so a chunk never straddles two blocks. The 16 code values sit in shared memory: 16 words in 16 distinct
 // banks, so any lookup pattern is conflict-free.
 #include <type_traits>
 
@@ -54,52 +55,14 @@ __device__ __forceinline__ void load_tables(QuantType qt, const NestedAbsmax& ne
   __syncthreads();
 }
 
-// Full chunks of E = 16 / sizeof(T) elements; `packed` aligned to E / 2 bytes, `out` to 16.
+// Full chunks of E = 16 / sizeof(T) elements; `packed` aligned to E / 2 bytes, `out` to 16. The weight
+// loads go out first; meanwhile the CTA decodes the absmax of every block its tile covers into shared
+// memory (tiles start on block boundaries: blocksizes <= 4096 divide the tile), so a chunk pays one
+// shared load for its scale instead of the double-quantized absmax's three dependent global loads.
+// Measured on an H200 against decoding per chunk: 45.4 vs 50.5 us for 8192^2 NF4+DQ -> bf16.
 template <typename T, bool NESTED>
 __global__ void __launch_bounds__(kThreads)
     dequantize_4bit_vec_kernel(const uint8_t* __restrict__ packed_bytes, const float* __restrict__ absmax,
-                               const NestedAbsmax nested, QuantType qt, int64_t chunks, int bs_log2,
-                               T* __restrict__ out) {
-  constexpr int E = 16 / sizeof(T);
-  using Word = std::conditional_t<E == 8, uint32_t, uint16_t>;  // E / 2 packed bytes
-  const Word* packed = reinterpret_cast<const Word*>(packed_bytes);
-  __shared__ float s_code[16];
-  __shared__ float s_code8[NESTED ? 256 : 1];
-  load_tables<NESTED>(qt, nested, s_code, s_code8);
-  const float offset = NESTED ? *nested.offset : 0.0f;
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * (kThreads * kUnroll) + threadIdx.x;
-
-  Word w[kUnroll];
-  float am[kUnroll];
-#pragma unroll
-  for (int k = 0; k < kUnroll; ++k) {  // issue every load before the first use
-    const int64_t c = base + k * kThreads;
-    if (c < chunks) {
-      w[k] = __ldcs(packed + c);  // read once: evict-first
-      am[k] = load_absmax<NESTED>(absmax, nested, s_code8, offset, (c * E) >> bs_log2);
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kUnroll; ++k) {
-    const int64_t c = base + k * kThreads;
-    if (c >= chunks) break;
-    float v[E];
-#pragma unroll
-    for (int b = 0; b < E / 2; ++b) {  // byte b of the little-endian word = elements 2b (high), 2b+1
-      const uint32_t byte = (static_cast<uint32_t>(w[k]) >> (8 * b)) & 0xFFu;
-      v[2 * b] = decode4(s_code[byte >> 4], am[k]);
-      v[2 * b + 1] = decode4(s_code[byte & 0xFu], am[k]);
-    }
-    store_chunk<T, E>(out + c * E, v);
-  }
-}
-
-// Same work as dequantize_4bit_vec_kernel, but the CTA first decodes the absmax of all blocks its
-// tile covers into shared memory (tiles start on block boundaries: blocksizes <= 4096 divide the tile),
-// so a chunk pays one shared load for its scale instead of the (double-quantized) global loads.
-template <typename T, bool NESTED>
-__global__ void __launch_bounds__(kThreads)
-    dequantize_4bit_staged_kernel(const uint8_t* __restrict__ packed_bytes, const float* __restrict__ absmax,
                                   const NestedAbsmax nested, QuantType qt, int64_t chunks, int bs_log2,
                                   T* __restrict__ out) {
   constexpr int E = 16 / sizeof(T);
@@ -160,15 +123,12 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, bool NESTED>
 void launch(const uint8_t* packed, const float* absmax, const NestedAbsmax& nested, QuantType qt, int64_t n,
-            int bs_log2, T* out, bool staged, cudaStream_t stream) {
+            int bs_log2, T* out, cudaStream_t stream) {
   constexpr int E = 16 / sizeof(T);
   const bool aligned =
       reinterpret_cast<uintptr_t>(packed) % (E / 2) == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const int64_t chunks = aligned ? n / E : 0;
-  if (chunks > 0 && staged) {
-    dequantize_4bit_staged_kernel<T, NESTED><<<grid_for(chunks, kThreads * kUnroll), kThreads, 0, stream>>>(
-        packed, absmax, nested, qt, chunks, bs_log2, out);
-  } else if (chunks > 0) {
+  if (chunks > 0) {
     dequantize_4bit_vec_kernel<T, NESTED><<<grid_for(chunks, kThreads * kUnroll), kThreads, 0, stream>>>(
         packed, absmax, nested, qt, chunks, bs_log2, out);
   }
@@ -182,13 +142,13 @@ void launch(const uint8_t* packed, const float* absmax, const NestedAbsmax& nest
 }  // namespace
 
 void dequantize_4bit(const uint8_t* packed, const float* absmax, const NestedAbsmax& nested, QuantType qt, int64_t n,
-                     int bs_log2, void* out, DType dtype, bool staged, cudaStream_t stream) {
+                     int bs_log2, void* out, DType dtype, cudaStream_t stream) {
   if (n == 0) return;
   QLORA_DISPATCH_DTYPE(dtype, {
     if (nested.q)
-      launch<T, true>(packed, absmax, nested, qt, n, bs_log2, static_cast<T*>(out), staged, stream);
+      launch<T, true>(packed, absmax, nested, qt, n, bs_log2, static_cast<T*>(out), stream);
     else
-      launch<T, false>(packed, absmax, nested, qt, n, bs_log2, static_cast<T*>(out), staged, stream);
+      launch<T, false>(packed, absmax, nested, qt, n, bs_log2, static_cast<T*>(out), stream);
   });
 }
 

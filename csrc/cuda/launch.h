@@ -31,9 +31,8 @@ struct NestedAbsmax {
 };
 
 // Dequantizes n elements into `out` (`dtype`). `absmax` is float32 unless `nested.q` is set.
-// `staged`: the CTA decodes its blocks' absmax into shared memory first (else each chunk loads it).
 void dequantize_4bit(const uint8_t* packed, const float* absmax, const NestedAbsmax& nested, QuantType qt, int64_t n,
-                     int blocksize_log2, void* out, DType dtype, bool staged, cudaStream_t stream);
+                     int blocksize_log2, void* out, DType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace qlora

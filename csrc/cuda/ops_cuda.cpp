@@ -6,9 +6,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "common/checks.h"
 #include "cuda/launch.h"
 
@@ -58,12 +55,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cuda(const at::Tensor
   return {q, absmax};
 }
 
-// Which dequantization kernel runs: QLORA_EXT_DEQUANT_KERNEL=direct|staged (benchmarking switch).
-bool dequant_staged() {
-  const char* v = std::getenv("QLORA_EXT_DEQUANT_KERNEL");
-  return v != nullptr && std::strcmp(v, "staged") == 0;
-}
-
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                 const std::string& quant_type, c10::SymIntArrayRef sym_shape, at::ScalarType dtype,
                                 const std::optional<at::Tensor>& nested_absmax,
@@ -85,7 +76,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   }
   cuda::dequantize_4bit(packed.const_data_ptr<uint8_t>(), nested_absmax ? nullptr : absmax.const_data_ptr<float>(),
                         nested, qt, n, blocksize_log2(blocksize), out.mutable_data_ptr(), to_dtype(dtype),
-                        dequant_staged(), c10::cuda::getCurrentCUDAStream());
+                        c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
