@@ -56,6 +56,12 @@ def cpu_bench(rows: list, n: int = 2048) -> None:
 
 
 def _torchao_nf4(ceilings: dict):
+    try:  # torchao >= 0.18 moved NF4Tensor
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+        return to_nf4
+    except ImportError:
+        pass
     try:
         from torchao.dtypes.nf4tensor import to_nf4
 

@@ -63,8 +63,8 @@ __device__ __forceinline__ void load_tables(QuantType qt, const NestedAbsmax& ne
 template <typename T, bool NESTED>
 __global__ void __launch_bounds__(kThreads)
     dequantize_4bit_vec_kernel(const uint8_t* __restrict__ packed_bytes, const float* __restrict__ absmax,
-                                  const NestedAbsmax nested, QuantType qt, int64_t chunks, int bs_log2,
-                                  T* __restrict__ out) {
+                               const NestedAbsmax nested, QuantType qt, int64_t chunks, int bs_log2,
+                               T* __restrict__ out) {
   constexpr int E = 16 / sizeof(T);
   constexpr int kTile = kThreads * kUnroll * E;  // elements per CTA
   using Word = std::conditional_t<E == 8, uint32_t, uint16_t>;
