@@ -122,3 +122,17 @@ def test_parameter_with_grad_is_quantized_without_autograd():
     lin = torch.nn.Linear(64, 32)
     packed, state = quantize_4bit(lin.weight)
     assert not packed.requires_grad and not dequantize_4bit(packed, state).requires_grad
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cpu_simd_and_scalar_dequantize_agree(dtype, monkeypatch):
+    """The CPU dequantizer's AVX2 path (used where the CPU has it) and its scalar path give the same
+    bits; the other tests pin whichever runs here to the reference."""
+    for blocksize in BLOCKSIZES_4BIT:
+        w = random_weight((37, 1000), dtype)
+        packed, state = quantize_4bit(w, blocksize=blocksize)
+        simd = dequantize_4bit(packed, state)
+        monkeypatch.setenv("QLORA_EXT_DISABLE_AVX2", "1")
+        scalar = dequantize_4bit(packed, state)
+        monkeypatch.delenv("QLORA_EXT_DISABLE_AVX2")
+        assert torch.equal(simd, scalar)
