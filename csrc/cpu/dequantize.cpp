@@ -126,7 +126,8 @@ bool use_avx2() {
   const char* off = std::getenv("QLORA_EXT_DISABLE_AVX2");  // lets the tests cover the scalar path
   return supported && !(off && std::strcmp(off, "0") != 0 && *off);
 }
-#elsetemplate <typename T>
+#else
+template <typename T>
 void dequantize_blocks_avx2(const uint8_t*, const float*, const NestedArgs*, const float*, int64_t, int64_t, int64_t,
                             T*) {}  // never called: use_avx2() is false
 bool use_avx2() { return false; }
