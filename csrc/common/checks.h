@@ -3,9 +3,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/SymIntArrayRef.h>
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <vector>
 
 #include "common/codes.h"
 
@@ -53,13 +55,30 @@ inline void check_out_dtype(at::ScalarType dtype) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Validates the pieces of a (possibly double-quantized) 4-bit state against each other and
-// returns the element count of `shape`.
-inline int64_t check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                                          at::IntArrayRef shape, at::ScalarType dtype,
-                                          const std::optional<at::Tensor>& nested_absmax,
-                                          const std::optional<at::Tensor>& nested_code,
-                                          const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+// Arguments of qlora::quantize_8bit_blockwise; returns log2(blocksize).
+inline int check_quantize_8bit_args(const at::Tensor& A, const at::Tensor& code, int64_t blocksize) {
+  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, "A must be float32, got ", A.scalar_type());
+  TORCH_CHECK_VALUE(A.is_contiguous(), "A must be contiguous");
+  check_tensor(code, "code", at::kFloat, A.device());
+  TORCH_CHECK_VALUE(code.numel() == 256, "code must have 256 entries, got ", code.numel());
+  return check_blocksize_8bit(blocksize, "blocksize");
+}
+
+struct DequantizeArgs {
+  QuantType qt;
+  std::vector<int64_t> shape;
+  int64_t n;  // elements of shape
+};
+
+// Validates the pieces of a (possibly double-quantized) 4-bit state against each other.
+inline DequantizeArgs check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor& absmax,
+                                                 int64_t blocksize, const std::string& quant_type,
+                                                 c10::SymIntArrayRef sym_shape, at::ScalarType dtype,
+                                                 const std::optional<at::Tensor>& nested_absmax,
+                                                 const std::optional<at::Tensor>& nested_code,
+                                                 const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+  const QuantType qt = parse_quant_type(quant_type);
+  std::vector<int64_t> shape = C10_AS_INTARRAYREF_SLOW(sym_shape).vec();
   check_blocksize_4bit(blocksize);
   check_out_dtype(dtype);
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed must be uint8 (view other storage dtypes as uint8), got ",
@@ -80,7 +99,7 @@ inline int64_t check_dequantize_4bit_args(const at::Tensor& packed, const at::Te
                     "nested_absmax, nested_code and offset must be given together (double quantization) or not at all");
   if (!nested) {
     check_tensor(absmax, "absmax", at::kFloat, packed.device());
-    return n;
+    return {qt, std::move(shape), n};
   }
   check_tensor(absmax, "absmax", at::kByte, packed.device());
   check_blocksize_8bit(nested_blocksize, "nested_blocksize");
@@ -92,7 +111,7 @@ inline int64_t check_dequantize_4bit_args(const at::Tensor& packed, const at::Te
   TORCH_CHECK_VALUE(nested_absmax->numel() == ceil_div(blocks, nested_blocksize), "nested_absmax must have ",
                     ceil_div(blocks, nested_blocksize), " elements (one per ", nested_blocksize, " absmax), got ",
                     nested_absmax->numel());
-  return n;
+  return {qt, std::move(shape), n};
 }
 
 }  // namespace qlora

@@ -165,11 +165,11 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                                int64_t nested_blocksize) {
-  const QuantType qt = parse_quant_type(quant_type);
-  const std::vector<int64_t> shape = C10_AS_INTARRAYREF_SLOW(sym_shape).vec();
-  const int64_t n = check_dequantize_4bit_args(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code,
-                                               offset, nested_blocksize);
-  auto out = at::empty(shape, packed.options().dtype(dtype));
+  const DequantizeArgs args = check_dequantize_4bit_args(packed, absmax, blocksize, quant_type, sym_shape, dtype,
+                                                         nested_absmax, nested_code, offset, nested_blocksize);
+  const QuantType qt = args.qt;
+  const int64_t n = args.n;  // (no structured bindings: lambdas below capture these, C++17 builds too)
+  auto out = at::empty(args.shape, packed.options().dtype(dtype));
   NestedArgs nested;
   if (nested_absmax) {
     nested.q = absmax.const_data_ptr<uint8_t>();

@@ -69,11 +69,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
 
 std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cpu(const at::Tensor& A, const at::Tensor& code,
                                                                int64_t blocksize) {
-  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, "A must be float32, got ", A.scalar_type());
-  TORCH_CHECK_VALUE(A.is_contiguous(), "A must be contiguous");
-  check_tensor(code, "code", at::kFloat, A.device());
-  TORCH_CHECK_VALUE(code.numel() == 256, "code must have 256 entries, got ", code.numel());
-  check_blocksize_8bit(blocksize, "blocksize");
+  check_quantize_8bit_args(A, code, blocksize);
   const int64_t n = A.numel(), blocks = ceil_div(n, blocksize);
   auto q = at::empty({n}, A.options().dtype(at::kByte));
   auto absmax = at::empty({blocks}, A.options());

@@ -39,11 +39,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
 
 std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cuda(const at::Tensor& A, const at::Tensor& code,
                                                                 int64_t blocksize) {
-  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, "A must be float32, got ", A.scalar_type());
-  TORCH_CHECK_VALUE(A.is_contiguous(), "A must be contiguous");
-  check_tensor(code, "code", at::kFloat, A.device());
-  TORCH_CHECK_VALUE(code.numel() == 256, "code must have 256 entries, got ", code.numel());
-  const int bs_log2 = check_blocksize_8bit(blocksize, "blocksize");
+  const int bs_log2 = check_quantize_8bit_args(A, code, blocksize);
   const c10::cuda::CUDAGuard guard(A.device());
   const int64_t n = A.numel();
   auto q = at::empty({n}, A.options().dtype(at::kByte));
@@ -60,12 +56,12 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
                                 const std::optional<at::Tensor>& nested_absmax,
                                 const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                                 int64_t nested_blocksize) {
-  const QuantType qt = parse_quant_type(quant_type);
-  const std::vector<int64_t> shape = C10_AS_INTARRAYREF_SLOW(sym_shape).vec();
-  const int64_t n = check_dequantize_4bit_args(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code,
-                                               offset, nested_blocksize);
+  const DequantizeArgs args = check_dequantize_4bit_args(packed, absmax, blocksize, quant_type, sym_shape, dtype,
+                                                         nested_absmax, nested_code, offset, nested_blocksize);
+  const QuantType qt = args.qt;
+  const int64_t n = args.n;  // (no structured bindings: lambdas below capture these, C++17 builds too)
   const c10::cuda::CUDAGuard guard(packed.device());
-  auto out = at::empty(shape, packed.options().dtype(dtype));
+  auto out = at::empty(args.shape, packed.options().dtype(dtype));
   cuda::NestedAbsmax nested;
   if (nested_absmax) {
     nested.q = absmax.const_data_ptr<uint8_t>();
