@@ -64,6 +64,8 @@ inline int check_quantize_8bit_args(const at::Tensor& A, const at::Tensor& code,
   return check_blocksize_8bit(blocksize, "blocksize");
 }
 
+// (Messages print element counts, not the shape: on the GPU image, torch 2.11 built with its own
+// /opt/gcc, an error from this check crashed the process; printing the IntArrayRef is the suspect.)
 struct DequantizeArgs {
   QuantType qt;
   std::vector<int64_t> shape;
@@ -86,14 +88,14 @@ inline DequantizeArgs check_dequantize_4bit_args(const at::Tensor& packed, const
   TORCH_CHECK_VALUE(packed.is_contiguous(), "packed must be contiguous");
   int64_t n = 1;
   for (auto d : shape) {
-    TORCH_CHECK_VALUE(d >= 0, "shape must not have negative sizes, got ", shape);
+    TORCH_CHECK_VALUE(d >= 0, "shape must not have negative sizes, got ", d);
     n *= d;
   }
-  TORCH_CHECK_VALUE(packed.numel() >= (n + 1) / 2, "packed holds ", packed.numel(), " bytes but shape ", shape,
+  TORCH_CHECK_VALUE(packed.numel() >= (n + 1) / 2, "packed holds ", packed.numel(), " bytes but shape (", n, " elements)",
                     " needs ", (n + 1) / 2);
   const int64_t blocks = ceil_div(n, blocksize);
   TORCH_CHECK_VALUE(absmax.numel() == blocks, "absmax must have ", blocks, " elements (one per block of ", blocksize,
-                    " for shape ", shape, "), got ", absmax.numel());
+                    " for ", n, " elements), got ", absmax.numel());
   const bool nested = nested_absmax.has_value();
   TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == offset.has_value(),
                     "nested_absmax, nested_code and offset must be given together (double quantization) or not at all");
