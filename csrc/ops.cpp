@@ -17,6 +17,21 @@ TORCH_LIBRARY(qlora, m) {
       "ScalarType dtype, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
       "int nested_blocksize=256) -> Tensor");
 
+  // Fused 4-bit linear with a LoRA term: y = x @ W^T + lora_xa @ lora_B^T + bias, W (out_features x
+  // in_features) given as a 4-bit state (as in dequantize_4bit). x: (rows, in_features); lora_xa: the
+  // r-wide s * dropout(x) @ A^T; lora_B: (out_features, r). Never materialises W beyond one tile (CPU)
+  // or one transient copy freed on return (CUDA). Differentiable (autograd in qlora_ext/_ops.py).
+  m.def(
+      "linear_4bit(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt out_features, "
+      "SymInt in_features, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+      "int nested_blocksize=256, Tensor? lora_xa=None, Tensor? lora_B=None, Tensor? bias=None) -> Tensor");
+
+  // grad @ W for the 4-bit W of linear_4bit: the input gradient of its base term, (rows, in_features).
+  m.def(
+      "linear_4bit_grad_input(Tensor grad, Tensor packed, Tensor absmax, int blocksize, str quant_type, "
+      "SymInt out_features, SymInt in_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+      "Tensor? offset=None, int nested_blocksize=256) -> Tensor");
+
   // Blockwise dynamic 8-bit quantization to the nearest of 256 sorted `code` values (used for the
   // double quantization of absmax). A: contiguous float32. Returns uint8 codes and float32 absmax.
   m.def("quantize_8bit_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");

@@ -59,3 +59,53 @@ def _quantize_8bit_blockwise_fake(A: torch.Tensor, code: torch.Tensor, blocksize
     torch._check(code.numel() == 256, lambda: f"code must have 256 entries, got {code.numel()}")
     n = A.numel()
     return A.new_empty((n,), dtype=torch.uint8), A.new_empty(((n + blocksize - 1) // blocksize,))
+
+
+# ---- linear_4bit: y = x W^T + lora_xa B^T + bias, W in 4 bits --------------------------------------
+
+@torch.library.register_fake("qlora::linear_4bit")
+def _linear_4bit_fake(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax=None,
+                      nested_code=None, offset=None, nested_blocksize=256, lora_xa=None, lora_B=None, bias=None):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D (rows, in_features), got {x.dim()} dimensions")
+    torch._check(x.shape[1] == in_features, lambda: f"x must have in_features = {in_features} columns")
+    torch._check((lora_xa is None) == (lora_B is None), lambda: "lora_xa and lora_B must be given together")
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.register_fake("qlora::linear_4bit_grad_input")
+def _linear_4bit_grad_input_fake(grad, packed, absmax, blocksize, quant_type, out_features, in_features,
+                                 nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+    torch._check(grad.dim() == 2, lambda: f"grad must be 2-D (rows, out_features), got {grad.dim()} dimensions")
+    return grad.new_empty((grad.shape[0], in_features))
+
+
+def _linear_4bit_setup_context(ctx, inputs, output):
+    (_, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax, nested_code, offset,
+     nested_blocksize, lora_xa, lora_B, bias) = inputs
+    ctx.meta = (blocksize, quant_type, out_features, in_features, nested_blocksize)
+    ctx.has_lora, ctx.has_bias = lora_xa is not None, bias is not None
+    # the 4-bit weight, the r-wide activations and B: all the backward needs (never x, never W)
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset, lora_xa, lora_B)
+
+
+def _linear_4bit_backward(ctx, grad):
+    packed, absmax, nested_absmax, nested_code, offset, lora_xa, lora_B = ctx.saved_tensors
+    blocksize, quant_type, out_features, in_features, nested_blocksize = ctx.meta
+    grad = grad.contiguous()
+    grad_x = grad_xa = grad_B = grad_bias = None
+    if ctx.needs_input_grad[0]:  # g W, re-dequantizing W; grad_W is never formed
+        grad_x = torch.ops.qlora.linear_4bit_grad_input(grad, packed, absmax, blocksize, quant_type, out_features,
+                                                        in_features, nested_absmax, nested_code, offset,
+                                                        nested_blocksize)
+    if ctx.has_lora and ctx.needs_input_grad[11]:
+        grad_xa = grad @ lora_B
+    if ctx.has_lora and ctx.needs_input_grad[12]:
+        grad_B = grad.t() @ lora_xa
+    if ctx.has_bias and ctx.needs_input_grad[13]:
+        grad_bias = grad.sum(0)
+    return (grad_x,) + (None,) * 10 + (grad_xa, grad_B, grad_bias)
+
+
+torch.library.register_autograd(
+    "qlora::linear_4bit", _linear_4bit_backward, setup_context=_linear_4bit_setup_context
+)

@@ -23,7 +23,7 @@ import torch
 from . import _ops  # noqa: F401  (registers the fake kernels)
 from .codes import BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, QUANT_TYPES, code_4bit, dynamic_map
 
-__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit"]
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "qlora_linear"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
@@ -268,16 +268,90 @@ def dequantize_4bit(
                          "to one device (state.to(device))")
     if not packed.is_contiguous():
         raise ValueError("packed must be contiguous")
+    data, absmax, blocksize, quant_type, nested = _state_args(packed, state)
+    return torch.ops.qlora.dequantize_4bit(data, absmax, blocksize, quant_type, list(state.shape), out_dtype, *nested)
+
+
+def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:
+    """(uint8 bytes, absmax, blocksize, quant_type, nested args) for the qlora:: ops, checked."""
     _validate_state(state)
     data = packed.reshape(-1).view(torch.uint8)
     if data.numel() < (state.numel + 1) // 2:
         raise ValueError(f"packed holds {data.numel()} bytes but state.shape {tuple(state.shape)} needs "
                          f"{(state.numel + 1) // 2}; packed and state do not belong together")
-    if state.double_quant:
-        return torch.ops.qlora.dequantize_4bit(
-            data, state.absmax, state.blocksize, state.quant_type, list(state.shape), out_dtype,
-            state.nested_absmax, state.nested_code, state.offset.reshape(1), state.nested_blocksize,
-        )
-    return torch.ops.qlora.dequantize_4bit(
-        data, state.absmax, state.blocksize, state.quant_type, list(state.shape), out_dtype
-    )
+    nested = ((state.nested_absmax, state.nested_code, state.offset.reshape(1), state.nested_blocksize)
+              if state.double_quant else (None, None, None, NESTED_BLOCKSIZE))
+    return data, state.absmax, state.blocksize, state.quant_type, nested
+
+
+def _check_same(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; cast the adapter (or x) to one compute dtype")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    lora_A: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """A QLoRA linear layer: ``y = x W^T + bias + scaling * dropout(x) A^T B^T`` with W 4-bit.
+
+    Args:
+        x: ``(..., in_features)`` activations, float32/float16/bfloat16 (the compute dtype; float64 on
+            the CPU).
+        packed, state: W ``(out_features, in_features)`` from :func:`quantize_4bit`.
+        lora_A: ``(r, in_features)``; lora_B: ``(out_features, r)``; both or neither, dtype and device of x.
+        scaling: the LoRA scale (``lora_alpha / r``).
+        bias: ``(out_features,)`` or None.
+        dropout_p: dropout probability on the LoRA branch's input, in [0, 1) (applied whenever > 0:
+            pass 0 in evaluation).
+
+    Returns:
+        ``(..., out_features)`` in x's dtype. Differentiable in x, lora_A, lora_B and bias; the backward
+        re-dequantizes W (never keeps it, never forms grad_W) and saves only dropout(x) and the r-wide
+        ``x A^T`` besides the 4-bit weight.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if len(state.shape) != 2:
+        raise ValueError(f"state.shape must be (out_features, in_features), got {tuple(state.shape)}")
+    out_features, in_features = state.shape
+    if x.dtype not in _FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have in_features = {in_features} in its last dimension, got shape {tuple(x.shape)}")
+    if packed.device != x.device:
+        raise ValueError(f"x is on {x.device} but the 4-bit weight is on {packed.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B must be given together")
+    if lora_A is not None:
+        r = lora_A.shape[0] if lora_A.dim() == 2 else -1
+        if r <= 0 or lora_A.shape[1] != in_features:
+            raise ValueError(f"lora_A must be (r, in_features) = (r >= 1, {in_features}), got {tuple(lora_A.shape)}")
+        if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_features, r):
+            raise ValueError(f"lora_B must be (out_features, r) = ({out_features}, {r}), got {tuple(lora_B.shape)}")
+        _check_same(lora_A, "lora_A", x)
+        _check_same(lora_B, "lora_B", x)
+    if bias is not None:
+        _check_same(bias, "bias", x)
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must be (out_features,) = ({out_features},), got {tuple(bias.shape)}")
+
+    data, absmax, blocksize, quant_type, nested = _state_args(packed, state)
+    x2 = x.reshape(-1, in_features)
+    xa = None
+    if lora_A is not None:
+        xd = torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2
+        xa = (xd @ lora_A.t()) * scaling
+    y = torch.ops.qlora.linear_4bit(x2, data, absmax, blocksize, quant_type, out_features, in_features, *nested,
+                                    xa, lora_B, bias)
+    return y.reshape(*x.shape[:-1], out_features)

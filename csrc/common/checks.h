@@ -116,4 +116,37 @@ inline DequantizeArgs check_dequantize_4bit_args(const at::Tensor& packed, const
   return {qt, std::move(shape), n};
 }
 
+// Activations of linear_4bit / linear_4bit_grad_input: 2-D, `cols` columns, a float dtype
+// (float64 only where `allow_double`, i.e. on the CPU, for gradcheck).
+inline void check_activation(const at::Tensor& t, const char* name, int64_t cols, const char* cols_name,
+                             bool allow_double) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || (allow_double && st == at::kDouble),
+                   name, " must be float32, float16 or bfloat16", allow_double ? " (or float64 on the CPU)" : "",
+                   ", got ", st);
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D (rows, ", cols_name, "), got ", t.dim(), " dimensions");
+  TORCH_CHECK_VALUE(t.size(1) == cols, name, " must have ", cols_name, " = ", cols, " columns, got ", t.size(1));
+}
+
+// The LoRA and bias operands of linear_4bit, against x (rows, in) and out_features.
+inline void check_linear_4bit_extras(const at::Tensor& x, int64_t out_features,
+                                     const std::optional<at::Tensor>& lora_xa,
+                                     const std::optional<at::Tensor>& lora_B, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(lora_xa.has_value() == lora_B.has_value(), "lora_xa and lora_B must be given together");
+  if (lora_xa) {
+    check_tensor(*lora_xa, "lora_xa", x.scalar_type(), x.device());
+    check_tensor(*lora_B, "lora_B", x.scalar_type(), x.device());
+    TORCH_CHECK_VALUE(lora_xa->dim() == 2 && lora_xa->size(0) == x.size(0), "lora_xa must be (rows, r) with rows = ",
+                      x.size(0), ", got ", lora_xa->sizes());
+    TORCH_CHECK_VALUE(lora_B->dim() == 2 && lora_B->size(0) == out_features && lora_B->size(1) == lora_xa->size(1),
+                      "lora_B must be (out_features, r) = (", out_features, ", ", lora_xa->size(1), "), got ",
+                      lora_B->sizes());
+  }
+  if (bias) {
+    check_tensor(*bias, "bias", x.scalar_type(), x.device());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "bias must be (out_features,) = (",
+                      out_features, ",), got ", bias->sizes());
+  }
+}
+
 }  // namespace qlora

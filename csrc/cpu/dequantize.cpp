@@ -16,21 +16,14 @@
 #include "common/checks.h"
 #include "common/codes.h"
 #include "common/dispatch.h"
+#include "cpu/dequantize_4bit.h"
 
 namespace qlora {
 namespace {
 
-struct NestedArgs {
-  const uint8_t* q = nullptr;       // uint8 absmax codes
-  const float* absmax2 = nullptr;   // one float32 scale per nested block
-  const float* code = nullptr;      // 256 dynamic 8-bit values
-  float offset = 0.0f;
-  int64_t blocksize = 256;
-};
-
-inline float block_absmax(const float* absmax, const NestedArgs* nested, int64_t b) {
-  return nested ? decode_absmax(nested->code[nested->q[b]], nested->absmax2[b / nested->blocksize], nested->offset)
-                : absmax[b];
+inline float block_absmax(const Quant4bitView& w, int64_t b) {
+  return w.nested_q ? decode_absmax(w.nested_code[w.nested_q[b]], w.nested_absmax[b / w.nested_blocksize], w.offset)
+                    : w.absmax[b];
 }
 
 #if defined(__x86_64__)
@@ -47,17 +40,19 @@ QLORA_AVX2 inline __m256 lookup16(__m256 lo, __m256 hi, __m256i idx) {
   return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-// Whole blocks b0..b1 (each `bs` elements, bs >= 32). One call per task: per-block work stays in
-// registers (two vmulps build the block's table), which matters at blocksize 64.
-QLORA_AVX2 void dequantize_blocks_avx2(const uint8_t* packed, const float* absmax, const NestedArgs* nested,
-                                       const float* code, int64_t b0, int64_t b1, int64_t bs, float* out) {
+// Whole blocks b0..b1 (each `bs` elements, bs >= 32) into `out` (element 0 = block `origin`). One call
+// per task: per-block work stays in registers (two vmulps build the block's table): it matters at
+// blocksize 64.
+QLORA_AVX2 void dequantize_blocks_avx2(const Quant4bitView& w, const float* code, int64_t b0, int64_t b1,
+                                       int64_t origin, float* out) {
+  const int64_t bs = w.blocksize;
   const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
   const __m256i mask = _mm256_set1_epi32(0xF);
   for (int64_t blk = b0; blk < b1; ++blk) {
-    const __m256 am = _mm256_set1_ps(block_absmax(absmax, nested, blk));
+    const __m256 am = _mm256_set1_ps(block_absmax(w, blk));
     const __m256 lo = _mm256_mul_ps(code_lo, am), hi = _mm256_mul_ps(code_hi, am);  // = decode4, exactly
-    const uint8_t* p = packed + blk * bs / 2;
-    float* o = out + blk * bs;
+    const uint8_t* p = w.packed + blk * bs / 2;
+    float* o = out + (blk - origin) * bs;
     for (int64_t j = 0; j < bs / 2; j += 8) {
       const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j)));
       const __m256 vh = lookup16(lo, hi, _mm256_srli_epi32(bytes, 4));    // elements 0, 2, 4, ...
@@ -81,15 +76,16 @@ QLORA_AVX2 inline __m256i to_16bit(__m256 v, c10::Half*) {
 }
 
 template <typename T>
-QLORA_AVX2 void dequantize_blocks_avx2_16bit(const uint8_t* packed, const float* absmax, const NestedArgs* nested,
-                                             const float* code, int64_t b0, int64_t b1, int64_t bs, T* out) {
+QLORA_AVX2 void dequantize_blocks_avx2_16bit(const Quant4bitView& w, const float* code, int64_t b0, int64_t b1,
+                                             int64_t origin, T* out) {
+  const int64_t bs = w.blocksize;
   const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
   // within each 128-bit lane: bytes 0..7 <- the low bytes of its 8 words, bytes 8..15 <- the high bytes
   const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                          0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   const __m128i nib = _mm_set1_epi8(0x0F);
   for (int64_t blk = b0; blk < b1; ++blk) {
-    const __m256 am = _mm256_set1_ps(block_absmax(absmax, nested, blk));
+    const __m256 am = _mm256_set1_ps(block_absmax(w, blk));
     const __m256i w0 = to_16bit(_mm256_mul_ps(code_lo, am), out), w1 = to_16bit(_mm256_mul_ps(code_hi, am), out);
     // 16 words in order: packus interleaves lanes, permute4x64 restores entries 0..15
     const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(w0, w1), 0xD8);
@@ -97,8 +93,8 @@ QLORA_AVX2 void dequantize_blocks_avx2_16bit(const uint8_t* packed, const float*
     const __m256i bytes_by_kind = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(words, split), 0xD8);
     const __m256i tab_lo = _mm256_permute2x128_si256(bytes_by_kind, bytes_by_kind, 0x00);
     const __m256i tab_hi = _mm256_permute2x128_si256(bytes_by_kind, bytes_by_kind, 0x11);
-    const uint8_t* p = packed + blk * bs / 2;
-    T* o = out + blk * bs;
+    const uint8_t* p = w.packed + blk * bs / 2;
+    T* o = out + (blk - origin) * bs;
     for (int64_t j = 0; j < bs / 2; j += 16) {  // 16 bytes -> 32 elements
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j));
       const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib), lo = _mm_and_si128(b, nib);
@@ -111,14 +107,13 @@ QLORA_AVX2 void dequantize_blocks_avx2_16bit(const uint8_t* packed, const float*
   }
 }
 
-QLORA_AVX2 inline void dequantize_blocks_avx2(const uint8_t* packed, const float* absmax, const NestedArgs* nested,
-                                              const float* code, int64_t b0, int64_t b1, int64_t bs,
-                                              c10::BFloat16* out) {
-  dequantize_blocks_avx2_16bit(packed, absmax, nested, code, b0, b1, bs, out);
+QLORA_AVX2 inline void dequantize_blocks_avx2(const Quant4bitView& w, const float* code, int64_t b0, int64_t b1,
+                                              int64_t origin, c10::BFloat16* out) {
+  dequantize_blocks_avx2_16bit(w, code, b0, b1, origin, out);
 }
-QLORA_AVX2 inline void dequantize_blocks_avx2(const uint8_t* packed, const float* absmax, const NestedArgs* nested,
-                                              const float* code, int64_t b0, int64_t b1, int64_t bs, c10::Half* out) {
-  dequantize_blocks_avx2_16bit(packed, absmax, nested, code, b0, b1, bs, out);
+QLORA_AVX2 inline void dequantize_blocks_avx2(const Quant4bitView& w, const float* code, int64_t b0, int64_t b1,
+                                              int64_t origin, c10::Half* out) {
+  dequantize_blocks_avx2_16bit(w, code, b0, b1, origin, out);
 }
 
 bool use_avx2() {
@@ -128,28 +123,28 @@ bool use_avx2() {
 }
 #else
 template <typename T>
-void dequantize_blocks_avx2(const uint8_t*, const float*, const NestedArgs*, const float*, int64_t, int64_t, int64_t,
-                            T*) {}  // never called: use_avx2() is false
+void dequantize_blocks_avx2(const Quant4bitView&, const float*, int64_t, int64_t, int64_t, T*) {}  // never called
 bool use_avx2() { return false; }
 #endif
 
+}  // namespace
+
 template <typename T>
-void dequantize_4bit_blocks(const uint8_t* packed, const float* absmax, const NestedArgs* nested, QuantType qt,
-                            int64_t n, int64_t bs, T* out) {
+void dequantize_4bit_range(const Quant4bitView& w, int64_t b_begin, int64_t b_end, T* out) {
   float code[16];
-  for (int k = 0; k < 16; ++k) code[k] = code4_value(qt, k);
+  for (int k = 0; k < 16; ++k) code[k] = code4_value(w.qt, k);
   const bool avx2 = use_avx2();
-  const int64_t blocks = ceil_div(n, bs), full_blocks = n / bs;
-  at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
+  const int64_t bs = w.blocksize, full_blocks = w.n / bs;
+  at::parallel_for(b_begin, b_end, std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
     const int64_t simd_end = avx2 ? std::min(b1, full_blocks) : b0;
-    if (simd_end > b0) dequantize_blocks_avx2(packed, absmax, nested, code, b0, simd_end, bs, out);
+    if (simd_end > b0) dequantize_blocks_avx2(w, code, b0, simd_end, b_begin, out);
     for (int64_t b = std::max(b0, simd_end); b < b1; ++b) {  // scalar: no AVX2, or the partial last block
       T lut[16];
-      const float am = block_absmax(absmax, nested, b);
+      const float am = block_absmax(w, b);
       for (int k = 0; k < 16; ++k) lut[k] = static_cast<T>(decode4(code[k], am));
-      const int64_t start = b * bs, len = std::min(bs, n - start);
-      const uint8_t* p = packed + start / 2;
-      T* o = out + start;
+      const int64_t start = b * bs, len = std::min(bs, w.n - start);
+      const uint8_t* p = w.packed + start / 2;
+      T* o = out + (b - b_begin) * bs;
       const int64_t pairs = len / 2;
       for (int64_t j = 0; j < pairs; ++j) {
         o[2 * j] = lut[high_nibble(p[j])];
@@ -159,6 +154,33 @@ void dequantize_4bit_blocks(const uint8_t* packed, const float* absmax, const Ne
     }
   });
 }
+
+template void dequantize_4bit_range<float>(const Quant4bitView&, int64_t, int64_t, float*);
+template void dequantize_4bit_range<c10::Half>(const Quant4bitView&, int64_t, int64_t, c10::Half*);
+template void dequantize_4bit_range<c10::BFloat16>(const Quant4bitView&, int64_t, int64_t, c10::BFloat16*);
+
+Quant4bitView host_view(const at::Tensor& packed, const at::Tensor& absmax, QuantType qt, int64_t n,
+                        int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                        const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                        int64_t nested_blocksize) {
+  Quant4bitView w;
+  w.packed = packed.const_data_ptr<uint8_t>();
+  w.qt = qt;
+  w.n = n;
+  w.blocksize = blocksize;
+  if (nested_absmax) {
+    w.nested_q = absmax.const_data_ptr<uint8_t>();
+    w.nested_absmax = nested_absmax->const_data_ptr<float>();
+    w.nested_code = nested_code->const_data_ptr<float>();
+    w.offset = offset->item<float>();
+    w.nested_blocksize = nested_blocksize;
+  } else {
+    w.absmax = absmax.const_data_ptr<float>();
+  }
+  return w;
+}
+
+namespace {
 
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                const std::string& quant_type, c10::SymIntArrayRef sym_shape, at::ScalarType dtype,
@@ -170,19 +192,10 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
   const QuantType qt = args.qt;
   const int64_t n = args.n;  // (no structured bindings: lambdas below capture these, C++17 builds too)
   auto out = at::empty(args.shape, packed.options().dtype(dtype));
-  NestedArgs nested;
-  if (nested_absmax) {
-    nested.q = absmax.const_data_ptr<uint8_t>();
-    nested.absmax2 = nested_absmax->const_data_ptr<float>();
-    nested.code = nested_code->const_data_ptr<float>();
-    nested.offset = offset->item<float>();
-    nested.blocksize = nested_blocksize;
-  }
+  const Quant4bitView w = host_view(packed, absmax, qt, n, blocksize, nested_absmax, nested_code, offset,
+                                    nested_blocksize);
   QLORA_DISPATCH_FLOAT(dtype, "dequantize_4bit", [&] {
-    dequantize_4bit_blocks<scalar_t>(packed.const_data_ptr<uint8_t>(),
-                                     nested_absmax ? nullptr : absmax.const_data_ptr<float>(),
-                                     nested_absmax ? &nested : nullptr, qt, n, blocksize,
-                                     out.mutable_data_ptr<scalar_t>());
+    dequantize_4bit_range<scalar_t>(w, 0, ceil_div(n, blocksize), out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }

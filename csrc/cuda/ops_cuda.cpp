@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "cuda/glue.h"
 #include "cuda/launch.h"
 
 namespace qlora {
@@ -51,6 +52,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cuda(const at::Tensor
   return {q, absmax};
 }
 
+}  // namespace
+
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                 const std::string& quant_type, c10::SymIntArrayRef sym_shape, at::ScalarType dtype,
                                 const std::optional<at::Tensor>& nested_absmax,
@@ -77,7 +80,6 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   return out;
 }
 
-}  // namespace
 
 TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
   m.impl("quantize_4bit", &quantize_4bit_cuda);

@@ -1,0 +1,104 @@
+// CPU kernels: the 4-bit linear (y = x W^T + lora_xa B^T + bias) and its input gradient (g W),
+// blocked over rows of W: dequantize a tile of W (about 1M elements) into a reused buffer, multiply
+// it with ATen's GEMM, move on. W never exists whole.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <numeric>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "cpu/dequantize_4bit.h"
+
+namespace qlora {
+namespace {
+
+constexpr int64_t kTileElements = int64_t{1} << 20;
+
+// Visits row tiles [o0, o1) of W (out x in) as dense tensors of `tile_dtype`. Tiles start on block
+// boundaries (rows per tile are a multiple of blocksize / gcd(in, blocksize)), so each tile is whole
+// blocks of the flattened weight except possibly the last.
+template <typename F>
+void for_each_weight_tile(const Quant4bitView& w, int64_t out_features, int64_t in_features,
+                          at::ScalarType tile_dtype, const at::TensorOptions& options, F&& f) {
+  const int64_t bs = w.blocksize;
+  const int64_t unit = bs / std::gcd(in_features, bs);
+  const int64_t rows = std::max<int64_t>(unit, kTileElements / std::max<int64_t>(in_features, 1) / unit * unit);
+  at::Tensor buffer = at::empty({std::min(rows, out_features), in_features}, options.dtype(tile_dtype));
+  for (int64_t o0 = 0; o0 < out_features; o0 += rows) {
+    const int64_t o1 = std::min(out_features, o0 + rows);
+    const int64_t b_begin = o0 * in_features / bs, b_end = ceil_div(o1 * in_features, bs);
+    QLORA_DISPATCH_FLOAT(tile_dtype, "linear_4bit", [&] {
+      dequantize_4bit_range<scalar_t>(w, b_begin, b_end, buffer.mutable_data_ptr<scalar_t>());
+    });
+    f(o0, o1, buffer.narrow(0, 0, o1 - o0));
+  }
+}
+
+struct LinearSetup {
+  Quant4bitView w;
+  at::ScalarType tile_dtype;  // float64 activations multiply float32 tiles upcast (exact)
+};
+
+LinearSetup setup(const at::Tensor& act, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                  const std::string& quant_type, int64_t out_features, int64_t in_features,
+                  const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                  const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+  const at::ScalarType tile_dtype = act.scalar_type() == at::kDouble ? at::kFloat : act.scalar_type();
+  const std::vector<c10::SymInt> shape{c10::SymInt(out_features), c10::SymInt(in_features)};
+  const DequantizeArgs args = check_dequantize_4bit_args(packed, absmax, blocksize, quant_type, shape, tile_dtype,
+                                                         nested_absmax, nested_code, offset, nested_blocksize);
+  TORCH_CHECK_VALUE(act.device() == packed.device(), "activations and packed must be on one device, got ",
+                    act.device(), " and ", packed.device());
+  return {host_view(packed, absmax, args.qt, args.n, blocksize, nested_absmax, nested_code, offset,
+                    nested_blocksize),
+          tile_dtype};
+}
+
+at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           int64_t blocksize, const std::string& quant_type, int64_t out_features,
+                           int64_t in_features, const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                           int64_t nested_blocksize, const std::optional<at::Tensor>& lora_xa,
+                           const std::optional<at::Tensor>& lora_B, const std::optional<at::Tensor>& bias) {
+  check_activation(x, "x", in_features, "in_features", /*allow_double=*/true);
+  check_linear_4bit_extras(x, out_features, lora_xa, lora_B, bias);
+  const LinearSetup s = setup(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
+                              nested_code, offset, nested_blocksize);
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  for_each_weight_tile(s.w, out_features, in_features, s.tile_dtype, x.options(),
+                       [&](int64_t o0, int64_t o1, const at::Tensor& tile) {
+                         y.narrow(1, o0, o1 - o0).copy_(at::mm(x, tile.to(x.scalar_type()).t()));
+                       });
+  if (lora_xa) y.addmm_(*lora_xa, lora_B->t());
+  if (bias) y.add_(*bias);
+  return y;
+}
+
+at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& grad, const at::Tensor& packed, const at::Tensor& absmax,
+                                      int64_t blocksize, const std::string& quant_type, int64_t out_features,
+                                      int64_t in_features, const std::optional<at::Tensor>& nested_absmax,
+                                      const std::optional<at::Tensor>& nested_code,
+                                      const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+  check_activation(grad, "grad", out_features, "out_features", /*allow_double=*/true);
+  const LinearSetup s = setup(grad, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
+                              nested_code, offset, nested_blocksize);
+  at::Tensor gx = at::zeros({grad.size(0), in_features}, grad.options());
+  for_each_weight_tile(s.w, out_features, in_features, s.tile_dtype, grad.options(),
+                       [&](int64_t o0, int64_t o1, const at::Tensor& tile) {
+                         gx.addmm_(grad.narrow(1, o0, o1 - o0), tile.to(grad.scalar_type()));
+                       });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora, CPU, m) {
+  m.impl("linear_4bit", &linear_4bit_cpu);
+  m.impl("linear_4bit_grad_input", &linear_4bit_grad_input_cpu);
+}
+
+}  // namespace qlora
