@@ -1,0 +1,129 @@
+"""LoRA over a frozen 4-bit base: :class:`QuantLoRALinear`, a drop-in for ``nn.Linear``."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..codes import NESTED_BLOCKSIZE
+from ..functional import QuantState, dequantize_4bit, qlora_linear, quantize_4bit
+from .lora import InitLoRA, LoRALayer
+
+
+class QuantLoRALinear(LoRALayer):
+    """``y = x W^T + b + scaling * dropout(x) A^T B^T`` with W stored in NF4/FP4 (bitsandbytes format).
+
+    The base (``weight``: packed 4-bit bytes, ``quant_state``, ``bias``) is frozen; ``lora_A`` and
+    ``lora_B`` train (kept in ``lora_dtype``, cast to ``compute_dtype`` in the forward). Inputs are
+    computed in ``compute_dtype`` and returned in their own dtype. The module keeps no per-forward
+    state (safe under gradient checkpointing). ``state_dict`` holds ``weight`` (packed), the
+    bitsandbytes/transformers quant-state keys (``weight.absmax``, ``weight.quant_map``, ...),
+    ``bias``, ``lora_A.weight`` and ``lora_B.weight``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 16,
+                 lora_alpha: float = 32, lora_dropout: float = 0.0, quant_type: str = "nf4", blocksize: int = 64,
+                 double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16, use_rslora: bool = False,
+                 init_lora_weights: InitLoRA = "kaiming", lora_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                         lora_dtype, device)
+        if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.compute_dtype = compute_dtype
+        base = nn.Linear(in_features, out_features, bias=bias, device=device)  # nn.Linear's init, quantized
+        self._quantize(base.weight.detach())
+        self.bias = nn.Parameter(base.bias.detach().to(compute_dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+                    quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.bfloat16, use_rslora: bool = False,
+                    init_lora_weights: InitLoRA = "kaiming", lora_dtype: torch.dtype = torch.float32
+                    ) -> "QuantLoRALinear":
+        """Quantizes ``linear``'s weight (on its device) and adds a fresh adapter."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        device = linear.weight.device
+        layer = cls.__new__(cls)
+        LoRALayer.__init__(layer, linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora,
+                           init_lora_weights, lora_dtype, device)
+        if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
+        layer.quant_type, layer.blocksize, layer.double_quant = quant_type, blocksize, double_quant
+        layer.compute_dtype = compute_dtype
+        layer._quantize(linear.weight.detach())
+        layer.bias = (nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+                      if linear.bias is not None else None)
+        return layer
+
+    def _quantize(self, weight: torch.Tensor) -> None:
+        packed, state = quantize_4bit(weight, blocksize=self.blocksize, quant_type=self.quant_type,
+                                      double_quant=self.double_quant)
+        state.dtype = self.compute_dtype  # dequantizes to the compute dtype by default
+        if "weight" in self._buffers:
+            self._buffers["weight"] = packed
+        else:
+            self.register_buffer("weight", packed)
+        self.quant_state = state
+
+    # ---- LoRALayer hooks ------------------------------------------------------------------------------
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized base weight ``(out_features, in_features)``."""
+        return dequantize_4bit(self.weight, self.quant_state, out_dtype=dtype)
+
+    def _set_base_weight(self, weight: torch.Tensor) -> None:
+        """Re-quantizes: merging into a 4-bit base rounds (as PEFT's merge for bitsandbytes layers)."""
+        self._quantize(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B, p = self._lora_operands(self.compute_dtype)
+        y = qlora_linear(x.to(self.compute_dtype), self.weight, self.quant_state, A, B, self.scaling, self.bias, p)
+        return y.to(x.dtype)
+
+    # ---- device moves and (de)serialization ---------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)  # the packed bytes (uint8: dtype casts leave them alone), bias, adapter
+        if getattr(self, "quant_state", None) is not None and self.quant_state.device != self.weight.device:
+            self.quant_state = self.quant_state.to(self.weight.device)
+        return self
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in self.quant_state.to_dict(prefix=prefix + "weight.").items():
+            destination[key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        qs_prefix = prefix + "weight."
+        qs_keys = [k for k in state_dict if k.startswith(qs_prefix)]
+        if qs_keys:
+            try:
+                state = QuantState.from_dict({k: state_dict[k] for k in qs_keys}, prefix=qs_prefix,
+                                             device=self.weight.device)
+            except ValueError as e:
+                error_msgs.append(f"{prefix}weight: {e}")
+            else:
+                if tuple(state.shape) != (self.out_features, self.in_features):
+                    error_msgs.append(f"{prefix}weight: quant state shape {tuple(state.shape)} does not match "
+                                      f"({self.out_features}, {self.in_features})")
+                else:
+                    state.dtype = self.compute_dtype
+                    self.quant_state = state
+                    self.quant_type, self.blocksize = state.quant_type, state.blocksize
+                    self.double_quant = state.double_quant
+            state_dict = {k: v for k, v in state_dict.items() if k not in qs_keys}
+        elif strict:
+            missing_keys.append(qs_prefix + "absmax")
+        packed = state_dict.get(prefix + "weight")
+        if packed is not None and packed.shape != self.weight.shape:  # another quant_storage: take it as is
+            self._buffers["weight"] = packed.to(self.weight.device)
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", quant_type={self.quant_type}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, compute_dtype={str(self.compute_dtype)[6:]}")
