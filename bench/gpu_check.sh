@@ -22,7 +22,15 @@ MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 echo "built in $(( $(date +%s) - t0 )) s"
 
 echo "== C++ errors surface as Python exceptions"
-probe() { python3 -c "import torch, qlora_ext; torch.ops.qlora.quantize_4bit(torch.randn(64, 2).t(), 64, 'nf4')" 2>&1 | tail -1; return ${PIPESTATUS[0]}; }
+probe() { python3 -c "
+import torch, qlora_ext
+for call in (lambda: torch.ops.qlora.quantize_4bit(torch.randn(64, 2).t(), 64, 'nf4'),
+             lambda: torch.ops.qlora.dequantize_4bit(torch.zeros(32, dtype=torch.uint8), torch.ones(0), 64, 'nf4', [64], torch.float32)):
+    try:
+        call()
+    except ValueError as e:
+        print('ValueError:', str(e).splitlines()[0])
+" 2>&1 | tail -2; return ${PIPESTATUS[0]}; }
 probe; rc=$?
 echo "rc=$rc (CC=${CC:-unset} CXX=${CXX:-unset}; $(ldd qlora_ext/_C*.so | grep -E 'stdc|gcc_s' | tr -s ' ' | tr '\n' ' '))"
 if [ "$rc" -ge 128 ] && [ -x /usr/bin/g++ ]; then

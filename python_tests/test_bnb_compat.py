@@ -2,7 +2,7 @@
 
 The format every Hugging Face 4-bit checkpoint was written in is that of bitsandbytes' CUDA kernels;
 ours follows them bit for bit, which the `cuda` tests below check on a GPU. bitsandbytes' own CPU
-backend deviates from its CUDA kernels in four documented places, so the CPU comparisons assert
+backend deviates from its CUDA kernels in three documented ways, so the CPU comparisons assert
 equality everywhere else and that each difference is one of these:
   1. zeros: in an all-zero block it stores the code of 0.0 where the CUDA kernel's 0 * (1/0) = NaN
      gives code 0; in FP4 it gives tiny values the opposite zero sign (0x0 vs 0x8). Either way the

@@ -68,10 +68,14 @@ def test_quantize_8bit_cuda_equals_cpu(cuda_device):
             assert _near(_scaled(x, a_cpu, 256)[diff], mids).all(), "a CPU/GPU difference not at a midpoint"
 
 
-def test_report_cpu_gpu_quantization_differences(capsys):
+def test_cpu_gpu_quantization_differences_are_rare(capsys):
+    """Runs after the comparisons above (file order): the differing codes are a tiny fraction."""
+    if MISMATCHES["elements"] == 0:
+        pytest.skip("run with the comparison tests above")
     with capsys.disabled():
         print(f"\n[cuda vs cpu quantize] {MISMATCHES['nibbles']} of {MISMATCHES['elements']} 4-bit codes and "
               f"{MISMATCHES['codes8']} 8-bit codes differ (all within a few ulps of a threshold)")
+    assert MISMATCHES["nibbles"] <= 1e-4 * MISMATCHES["elements"]
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
@@ -93,7 +97,11 @@ def test_full_quantize_pipeline_on_cuda_equals_cpu(cuda_device):
     w = random_weight((1024, 1024), torch.bfloat16)
     p_cpu, s_cpu = quantize_4bit(w)
     p_gpu, s_gpu = quantize_4bit(w.to(cuda_device))
-    assert (p_gpu.cpu() != p_cpu).sum() <= 8
+    s_cpu_absmax = torch.ops.qlora.quantize_4bit(w, 64, "nf4")[1]
+    diff = (p_gpu.cpu() != p_cpu).flatten().nonzero().flatten()
+    for i in diff.tolist():  # each differing byte holds a code within a few ulps of a threshold
+        pair = w.reshape(-1).float()[2 * i: 2 * i + 2] / s_cpu_absmax[(2 * i) // 64]
+        assert _near(pair, torch.tensor(NF4_THRESHOLDS)).any()
     torch.testing.assert_close(s_gpu.offset.cpu(), s_cpu.offset, rtol=1e-6, atol=0)
     torch.testing.assert_close(dequantize_4bit(p_gpu, s_gpu).cpu(), dequantize_4bit(p_cpu, s_cpu), rtol=1e-2, atol=1e-3)
 

@@ -87,3 +87,27 @@ def test_op_level_errors_name_the_argument():
         torch.ops.qlora.quantize_8bit_blockwise(torch.randn(64), dynamic_map()[:255], 256)
     with pytest.raises(ValueError, match="blocksize must be a power of two"):
         torch.ops.qlora.quantize_8bit_blockwise(torch.randn(64), dynamic_map(), 100)
+
+
+def test_unsorted_code_is_rejected():
+    with pytest.raises(ValueError, match="code must be sorted"):
+        torch.ops.qlora.quantize_8bit_blockwise(torch.randn(300), dynamic_map().flip(0), 256)
+
+
+def test_half_filled_double_quant_state():
+    packed, state = quantize_4bit(torch.randn(64, 64))
+    broken = QuantState(**{**state.__dict__, "offset": None})
+    with pytest.raises(ValueError, match="must all be set"):
+        dequantize_4bit(packed, broken)
+
+
+def test_shape_overflow_is_a_clear_error():
+    packed, absmax = torch.ops.qlora.quantize_4bit(torch.randn(64), 64, "nf4")
+    with pytest.raises(ValueError, match="more elements than int64"):
+        torch.ops.qlora.dequantize_4bit(packed, absmax, 64, "nf4", [2**62, 4], torch.float32)
+
+
+def test_empty_tensor_with_double_quant():
+    packed, state = quantize_4bit(torch.empty(0, 8))
+    assert state.offset.item() == 0.0 and dequantize_4bit(packed, state).shape == (0, 8)
+    assert QuantState.from_dict(state.to_dict()).offset.item() == 0.0

@@ -49,6 +49,15 @@ def test_fake_tensor_shapes():
         assert out.shape == (300, 77) and out.dtype == torch.float16
 
 
+def test_torch_compile_quantize_matches_eager():
+    w = random_weight((96, 200), torch.bfloat16)
+    compiled = torch.compile(lambda w: quantize_4bit(w, double_quant=True), fullgraph=True)
+    packed, state = compiled(w)
+    packed_e, state_e = quantize_4bit(w, double_quant=True)
+    assert torch.equal(packed, packed_e) and torch.equal(state.absmax, state_e.absmax)
+    assert torch.equal(state.nested_absmax, state_e.nested_absmax) and torch.equal(state.offset, state_e.offset)
+
+
 def test_torch_compile_matches_eager():
     w = random_weight((96, 200), torch.bfloat16)
     packed, state = quantize_4bit(w, double_quant=True)
@@ -62,10 +71,17 @@ def test_torch_compile_matches_eager():
 
 
 def test_cuda_kernels_are_registered_in_a_cuda_build():
+    """With a CUDA torch and nvcc on the machine, setup.py must have compiled the CUDA kernels."""
+    import os
+    import shutil
+
     if torch.version.cuda is None:
         pytest.skip("torch has no CUDA: the CPU-only build is expected")
-    if not qlora_ext.built_with_cuda():
-        pytest.skip("built CPU-only (QLORA_EXT_FORCE_CPU or no nvcc)")
-    for op in ("quantize_4bit", "dequantize_4bit", "quantize_8bit_blockwise"):
+    if os.environ.get("QLORA_EXT_FORCE_CPU", "0") not in ("", "0"):
+        pytest.skip("QLORA_EXT_FORCE_CPU is set: the CPU-only build is expected")
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        pytest.skip("no nvcc on this machine: the CPU-only build is expected")
+    assert qlora_ext.built_with_cuda(), "nvcc and a CUDA torch are here, but the CUDA kernels were not compiled"
+    for op in ("quantize_4bit", "dequantize_4bit", "quantize_8bit_blockwise", "linear_4bit", "linear_4bit_grad_input"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qlora::{op}", "CUDA")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qlora::{op}", "CPU")

@@ -30,6 +30,8 @@ def kernels_in_use(device: str | None = None) -> str:
     """One line saying which kernels run on ``device`` (default: cuda when available), for logs."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} asked for, but no CUDA GPU is visible")
         return f"qlora_ext: CUDA kernels on {torch.cuda.get_device_name(torch.device(device))}"
     cuda_note = "CUDA kernels compiled in, no GPU visible" if built_with_cuda() else "CPU-only build"
     return f"qlora_ext: CPU kernels ({torch.get_num_threads()} threads; {cuda_note})"

@@ -4,8 +4,6 @@ in ``python_tests/test_codes.py``.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -70,7 +68,6 @@ def code_4bit(quant_type: str, device: torch.device | str | None = None) -> torc
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-@functools.lru_cache(maxsize=None)
 def _dynamic_map_values() -> tuple[float, ...]:
     # Signed dynamic 8-bit map (Dettmers 2015): for each exponent level i = 0..6 (scale 10^(i-6)),
     # 2^i fraction values = midpoints of linspace(0.1, 1, 2^i + 1), with both signs; plus 0 and 1.
@@ -85,6 +82,9 @@ def _dynamic_map_values() -> tuple[float, ...]:
     return tuple(sorted(values))
 
 
+DYNAMIC_MAP_VALUES = _dynamic_map_values()  # computed once, at import (torch.compile sees a constant)
+
+
 def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
     """The 256 sorted float32 values of the signed dynamic 8-bit map (double quantization's code)."""
-    return torch.tensor(_dynamic_map_values(), dtype=torch.float32, device=device)
+    return torch.tensor(DYNAMIC_MAP_VALUES, dtype=torch.float32, device=device)

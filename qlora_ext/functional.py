@@ -9,7 +9,7 @@ Format (identical to bitsandbytes 0.50): per block of ``blocksize`` consecutive 
 a float32 absmax; each element stores the index of its code (NF4 or FP4 table) for x / absmax, two
 indices per byte, the first element in the high nibble; ``packed`` has shape ``((numel + 1) // 2, 1)``.
 Double quantization stores ``absmax - mean(absmax)`` as dynamic 8-bit codes with one float32 scale
-per 256 absmax values (``nested_absmax``) and the mean as ``offset``.
+per 256 absmax values (``nested_absmax``) and the mean as ``offset`` (0 for an empty tensor).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 _QS_KEY = "quant_state.bitsandbytes__"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # tensor fields: identity equality, no ambiguous tensor compares
 class QuantState:
     """Everything needed to dequantize a packed 4-bit tensor.
 
@@ -181,6 +181,17 @@ def _validate_state(state: QuantState) -> None:
     if state.absmax.numel() != blocks:
         raise ValueError(f"state.absmax has {state.absmax.numel()} elements but shape {tuple(state.shape)} with "
                          f"blocksize {state.blocksize} has {blocks} blocks")
+    nested = (state.offset, state.nested_absmax, state.nested_code)
+    if any(t is None for t in nested) and any(t is not None for t in nested):
+        raise ValueError("state.offset, state.nested_absmax and state.nested_code must all be set (double "
+                         "quantization) or all be None")
+    if state.double_quant:
+        if state.nested_code.numel() != 256 or state.offset.numel() != 1:
+            raise ValueError(f"state.nested_code must have 256 entries and state.offset one, got "
+                             f"{state.nested_code.numel()} and {state.offset.numel()}")
+        want_nested = -(-blocks // state.nested_blocksize)
+        if state.nested_absmax.numel() != want_nested:
+            raise ValueError(f"state.nested_absmax must have {want_nested} elements, got {state.nested_absmax.numel()}")
     want = torch.uint8 if state.double_quant else torch.float32
     if state.absmax.dtype != want:
         raise ValueError(f"state.absmax must be {want} {'(double quantization)' if state.double_quant else ''}, "
@@ -218,8 +229,9 @@ def quantize_4bit(
             elements, which dequantization ignores.
 
     Returns:
-        ``(packed, state)``: packed of shape ``(nbytes // itemsize, 1)`` and dtype ``quant_storage``, and
-        the :class:`QuantState`.
+        ``(packed, state)``: packed of shape ``(ceil(nbytes / itemsize), 1)`` (``((numel + 1) // 2, 1)``
+        for uint8) and dtype ``quant_storage``, and the :class:`QuantState`. bitsandbytes refuses sizes
+        that do not divide the storage itemsize; here the bytes are padded instead.
     """
     _check_weight(w)
     if blocksize not in BLOCKSIZES_4BIT:
@@ -232,7 +244,8 @@ def quantize_4bit(
     packed, absmax = torch.ops.qlora.quantize_4bit(w.detach().contiguous(), blocksize, quant_type)
     state = QuantState(absmax, shape, dtype, blocksize, quant_type, code_4bit(quant_type, w.device))
     if double_quant:
-        offset = absmax.mean()  # the same reduction bitsandbytes uses, so the offset is bit-identical
+        # the same reduction bitsandbytes uses, so the offset is bit-identical (an empty tensor: 0, not NaN)
+        offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
         code8 = dynamic_map(w.device)
         qabsmax, nested_absmax = torch.ops.qlora.quantize_8bit_blockwise(absmax - offset, code8, NESTED_BLOCKSIZE)
         state.absmax, state.offset, state.nested_absmax, state.nested_code = qabsmax, offset, nested_absmax, code8

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymIntArrayRef.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
 #include <string>
 #include <vector>
@@ -61,6 +62,9 @@ inline int check_quantize_8bit_args(const at::Tensor& A, const at::Tensor& code,
   TORCH_CHECK_VALUE(A.is_contiguous(), "A must be contiguous");
   check_tensor(code, "code", at::kFloat, A.device());
   TORCH_CHECK_VALUE(code.numel() == 256, "code must have 256 entries, got ", code.numel());
+  // the quantizer binary-searches the midpoints: an unsorted code would silently give wrong codes
+  TORCH_CHECK_VALUE(code.slice(0, 1).ge(code.slice(0, 0, 255)).all().item<bool>(),
+                    "code must be sorted in ascending order");
   return check_blocksize_8bit(blocksize, "blocksize");
 }
 
@@ -89,7 +93,7 @@ inline DequantizeArgs check_dequantize_4bit_args(const at::Tensor& packed, const
   int64_t n = 1;
   for (auto d : shape) {
     TORCH_CHECK_VALUE(d >= 0, "shape must not have negative sizes, got ", d);
-    n *= d;
+    TORCH_CHECK_VALUE(!c10::mul_overflows(n, d, &n), "shape has more elements than int64 can count");
   }
   TORCH_CHECK_VALUE(packed.numel() >= (n + 1) / 2, "packed holds ", packed.numel(), " bytes but shape (", n, " elements)",
                     " needs ", (n + 1) / 2);
