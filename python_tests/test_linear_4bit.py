@@ -1,0 +1,209 @@
+"""qlora_linear / qlora::linear_4bit: forward and backward against a float64 reference over the same
+(bitsandbytes-format) dequantized weight, so kernel error is measured apart from quantization error;
+gradcheck in float64, opcheck, torch.compile, dropout, saved tensors, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_weight
+
+from qlora_ext import reference as ref
+from qlora_ext.functional import dequantize_4bit, qlora_linear, quantize_4bit
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (rows shape, in, out, r): awkward sizes, leading batch dims, features not multiples of the block
+CASES = [((257,), 123, 77, 5), ((2, 3), 64, 300, 16), ((1,), 1000, 33, 1), ((4, 1, 5), 200, 129, 8)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _operands(lead, in_f, out_f, r, dtype, device="cpu", bias=True, lora=True):
+    w = random_weight((out_f, in_f), device=device)
+    x = torch.randn(*lead, in_f, device=device, dtype=dtype)
+    A = (torch.randn(r, in_f, device=device) / in_f**0.5).to(dtype) if lora else None
+    B = (torch.randn(out_f, r, device=device) / r**0.5).to(dtype) if lora else None
+    b = torch.randn(out_f, device=device, dtype=dtype) if bias else None
+    return w, x, A, B, b
+
+
+def _check_against_reference(dtype, lead, in_f, out_f, r, bias, lora, double_quant, quant_type, device="cpu"):
+    w, x, A, B, b = _operands(lead, in_f, out_f, r, dtype, device, bias, lora)
+    packed, state = quantize_4bit(w, blocksize=64, quant_type=quant_type, double_quant=double_quant)
+    w_deq = dequantize_4bit(packed, state, out_dtype=torch.float32)  # the exact weight the kernel uses
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, b) if t is not None]
+    it = iter(leaves)
+    xg, Ag, Bg, bg = next(it), next(it) if lora else None, next(it) if lora else None, next(it) if bias else None
+    y = qlora_linear(xg, packed, state, Ag, Bg, 0.5, bg)
+    assert y.shape == (*lead, out_f) and y.dtype == dtype
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(ref_leaves)
+    xr, Ar, Br, br = next(it), next(it) if lora else None, next(it) if lora else None, next(it) if bias else None
+    y64 = ref.qlora_linear(xr, w_deq.double(), Ar, Br, 0.5, br)
+    y64.backward(g.double())
+
+    # the same math in plain PyTorch at the kernel's dtype: the error budget (flash-attention's rule)
+    plain = [t.detach().clone().requires_grad_() for t in leaves]
+    it = iter(plain)
+    xp, Ap, Bp, bp = next(it), next(it) if lora else None, next(it) if lora else None, next(it) if bias else None
+    yp = torch.nn.functional.linear(xp, w_deq.to(dtype), bp)
+    if lora:
+        yp = yp + ((xp @ Ap.t()) * 0.5) @ Bp.t()
+    yp.backward(g)
+
+    floor = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 0.0)
+    for name, got, want, base in [("y", y, y64, yp)] + [
+        (f"grad[{i}]", a.grad, c.grad, p.grad) for i, (a, c, p) in enumerate(zip(leaves, ref_leaves, plain))
+    ]:
+        err, budget = _rel(got, want), max(2 * _rel(base, want), floor)
+        assert err <= budget, f"{name}: relative error {err:.3g} > budget {budget:.3g} ({dtype})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}r{c[3]}")
+def test_forward_backward_match_reference(dtype, case):
+    lead, in_f, out_f, r = case
+    _check_against_reference(dtype, lead, in_f, out_f, r, bias=True, lora=True, double_quant=True, quant_type="nf4")
+
+
+@pytest.mark.parametrize("bias,lora", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("double_quant,quant_type", [(False, "nf4"), (True, "fp4")])
+def test_variants_match_reference(bias, lora, double_quant, quant_type):
+    _check_against_reference(torch.float32, (33,), 130, 70, 4, bias, lora, double_quant, quant_type)
+
+
+def test_gradcheck_float64():
+    w, x, A, B, b = _operands((5,), 40, 24, 3, torch.float64)
+    packed, state = quantize_4bit(w, blocksize=32)
+    leaves = [t.requires_grad_() for t in (x, A, B, b)]
+    assert torch.autograd.gradcheck(lambda x, A, B, b: qlora_linear(x, packed, state, A, B, 1.7, b), leaves)
+
+
+def test_opcheck():
+    w, x, A, B, b = _operands((9,), 100, 70, 4, torch.float32)
+    packed, s = quantize_4bit(w)
+    quant = (packed.flatten(), s.absmax, 64, "nf4", 70, 100, s.nested_absmax, s.nested_code, s.offset.reshape(1), 256)
+    xa = (x @ A.t()).requires_grad_()
+    torch.library.opcheck(torch.ops.qlora.linear_4bit.default, (x.requires_grad_(), *quant, xa, B.requires_grad_(), b))
+    torch.library.opcheck(torch.ops.qlora.linear_4bit.default, (x, *quant, None, None, None))
+    torch.library.opcheck(torch.ops.qlora.linear_4bit_grad_input.default, (torch.randn(9, 70), *quant))
+
+
+def test_dropout_uses_the_same_mask_as_the_reference():
+    w, x, A, B, b = _operands((64,), 96, 48, 8, torch.float32)
+    packed, state = quantize_4bit(w)
+    torch.manual_seed(1234)
+    y = qlora_linear(x, packed, state, A, B, 2.0, b, dropout_p=0.3)
+    torch.manual_seed(1234)
+    y_ref = ref.qlora_linear(x, dequantize_4bit(packed, state), A, B, 2.0, b, dropout_p=0.3)
+    assert _rel(y, y_ref) < 1e-6
+    no_dropout = qlora_linear(x, packed, state, A, B, 2.0, b)
+    assert _rel(y, no_dropout) > 1e-4  # the mask did something
+
+
+def test_backward_saves_no_dense_weight_and_no_output_sized_tensor():
+    out_f, in_f, rows, r = 96, 128, 40, 4
+    w, x, A, B, b = _operands((rows,), in_f, out_f, r, torch.float32)
+    packed, state = quantize_4bit(w)
+    x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = qlora_linear(x, packed, state, A, B, 1.0, b, dropout_p=0.1)
+    y.sum().backward()
+    float_saved = [t for t in saved if t.is_floating_point()]
+    assert not any(t.numel() >= out_f * in_f for t in float_saved), [tuple(t.shape) for t in float_saved]
+    assert not any(t.shape == (rows, out_f) for t in float_saved)
+    assert any(t.shape == (rows, r) for t in float_saved)  # the r-wide x A^T
+
+
+def test_torch_compile_matches_eager():
+    w, x, A, B, b = _operands((17,), 80, 50, 4, torch.float32)
+    packed, state = quantize_4bit(w)
+
+    def f(x, A, B, b):
+        return qlora_linear(x, packed, state, A, B, 2.0, b)
+
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, b)]
+    y = torch.compile(f, fullgraph=True)(*leaves)
+    y.sum().backward()
+    eager = [t.clone().requires_grad_() for t in (x, A, B, b)]
+    y_e = f(*eager)
+    y_e.sum().backward()
+    assert torch.allclose(y, y_e, rtol=1e-5, atol=1e-5)
+    for a, c in zip(leaves, eager):
+        assert torch.allclose(a.grad, c.grad, rtol=1e-5, atol=1e-5)
+
+
+class TestBadInput:
+    def setup_method(self):
+        w, self.x, self.A, self.B, self.b = _operands((3,), 64, 32, 4, torch.float32)
+        self.packed, self.state = quantize_4bit(w)
+
+    def call(self, **kw):
+        args = dict(x=self.x, packed=self.packed, state=self.state, lora_A=self.A, lora_B=self.B, scaling=1.0,
+                    bias=self.b)
+        args.update(kw)
+        return qlora_linear(**args)
+
+    def test_wrong_feature_size(self):
+        with pytest.raises(ValueError, match="x must have in_features = 64"):
+            self.call(x=torch.randn(3, 65))
+
+    def test_adapter_dtype_mismatch(self):
+        with pytest.raises(TypeError, match="lora_A is torch.bfloat16 but x is torch.float32"):
+            self.call(lora_A=self.A.bfloat16())
+
+    def test_adapter_device_mismatch(self):
+        with pytest.raises(ValueError, match="lora_B is on meta but x is on cpu"):
+            self.call(lora_B=self.B.to("meta"))
+
+    def test_rank_must_be_positive(self):
+        with pytest.raises(ValueError, match=r"lora_A must be \(r, in_features\)"):
+            self.call(lora_A=torch.randn(0, 64), lora_B=torch.randn(32, 0))
+
+    @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+    def test_dropout_range(self, p):
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            self.call(dropout_p=p)
+
+    def test_adapter_shapes(self):
+        with pytest.raises(ValueError, match=r"lora_B must be \(out_features, r\) = \(32, 4\)"):
+            self.call(lora_B=torch.randn(31, 4))
+        with pytest.raises(ValueError, match="lora_A and lora_B must be given together"):
+            self.call(lora_B=None)
+        with pytest.raises(ValueError, match=r"bias must be \(out_features,\)"):
+            self.call(bias=torch.randn(31))
+
+    def test_op_level_checks(self):
+        p, s = self.packed.flatten(), self.state
+        quant = (p, s.absmax, 64, "nf4", 32, 64, s.nested_absmax, s.nested_code, s.offset.reshape(1), 256)
+        with pytest.raises(ValueError, match="x must have in_features = 64 columns"):
+            torch.ops.qlora.linear_4bit(torch.randn(3, 63), *quant)
+        with pytest.raises(ValueError, match="lora_xa must be"):
+            torch.ops.qlora.linear_4bit(self.x, *quant, torch.randn(4, 4), self.B, None)
+        with pytest.raises(TypeError, match="x must be float32"):
+            torch.ops.qlora.linear_4bit(self.x.int(), *quant)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}r{c[3]}")
+def test_cuda_forward_backward_match_reference(cuda_device, dtype, case):
+    lead, in_f, out_f, r = case
+    _check_against_reference(dtype, lead, in_f, out_f, r, True, True, True, "nf4", device=cuda_device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 16, 17, 4096])
+def test_cuda_equals_cpu(cuda_device, rows):
+    w, x, A, B, b = _operands((rows,), 512, 384, 16, torch.float32)
+    packed, state = quantize_4bit(w)
+    y_cpu = qlora_linear(x, packed, state, A, B, 2.0, b)
+    args = [t.to(cuda_device) for t in (x, packed)]
+    y_gpu = qlora_linear(args[0], args[1], state.to(cuda_device), A.to(cuda_device), B.to(cuda_device), 2.0,
+                         b.to(cuda_device))
+    assert _rel(y_gpu.cpu(), y_cpu) < 1e-5  # TF32 is off by default for matmuls
