@@ -79,8 +79,10 @@ class QuantLoRALinear(LoRALayer):
         self._quantize(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B, p = self._lora_operands(self.compute_dtype)
-        y = qlora_linear(x.to(self.compute_dtype), self.weight, self.quant_state, A, B, self.scaling, self.bias, p)
+        cd = self.compute_dtype
+        A, B, p = self._lora_operands(cd)
+        bias = self.bias.to(cd) if self.bias is not None else None
+        y = qlora_linear(x.to(cd), self.weight, self.quant_state, A, B, self.scaling, bias, p)
         return y.to(x.dtype)
 
     # ---- device moves and (de)serialization ---------------------------------------------------------

@@ -1,0 +1,181 @@
+"""QuantLoRALinear and LoRALinear: drop-in for nn.Linear, init, scaling, merge/unmerge/to_linear,
+state_dict round trips, device moves, gradient checkpointing, torch.compile, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qlora_ext.functional import dequantize_4bit
+from qlora_ext.nn import LoRALinear, QuantLoRALinear
+from qlora_ext.nn.lora import LoRALayer
+
+
+def _linear(in_f=96, out_f=64, bias=True):
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _randomize_adapter(layer):
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.05)
+    return layer
+
+
+@pytest.mark.parametrize("cls", [QuantLoRALinear, LoRALinear])
+def test_drop_in_for_linear(cls):
+    lin = _linear()
+    kw = {"compute_dtype": torch.float32} if cls is QuantLoRALinear else {}
+    layer = cls.from_linear(lin, r=8, lora_alpha=16, **kw)
+    assert isinstance(layer, LoRALayer)
+    assert (layer.in_features, layer.out_features) == (96, 64) and layer.bias is not None
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A.weight", "lora_B.weight"}
+    assert layer.lora_A.weight.shape == (8, 96) and layer.lora_B.weight.shape == (64, 8)
+    x = torch.randn(2, 5, 96)
+    y = layer(x)
+    assert y.shape == (2, 5, 64) and y.dtype == x.dtype
+    # B starts at zero: the layer starts as its base
+    base = dequantize_4bit(layer.weight, layer.quant_state, torch.float32) if cls is QuantLoRALinear else lin.weight
+    torch.testing.assert_close(y, nn.functional.linear(x, base, lin.bias), rtol=1e-5, atol=1e-5)
+    assert cls(96, 64, bias=False, r=4).bias is None  # the nn.Linear constructor contract
+
+
+def test_scaling_and_init():
+    layer = QuantLoRALinear.from_linear(_linear(), r=16, lora_alpha=32)
+    assert layer.scaling == 2.0 and torch.all(layer.lora_B.weight == 0)
+    bound = 1 / math.sqrt(96)  # kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.std() > bound / 3
+    rs = QuantLoRALinear.from_linear(_linear(), r=16, lora_alpha=32, use_rslora=True)
+    assert rs.scaling == 32 / 4
+    g = QuantLoRALinear.from_linear(_linear(2048, 8), r=64, init_lora_weights="gaussian")
+    assert abs(g.lora_A.weight.std().item() - 1 / 64) < 2e-3
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_matches_to_linear(compute_dtype):
+    layer = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=8, compute_dtype=compute_dtype))
+    dense = layer.to_linear(dtype=torch.float32)
+    x = torch.randn(7, 96)
+    tol = 1e-5 if compute_dtype == torch.float32 else 2e-2
+    assert _rel(layer(x), dense(x)) < tol
+
+
+def test_training_step_moves_only_the_adapter():
+    layer = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=4, lora_dropout=0.1,
+                                                           compute_dtype=torch.float32))
+    packed, bias = layer.weight.clone(), layer.bias.clone()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    x, target = torch.randn(32, 96), torch.randn(32, 64)
+    losses = []
+    for _ in range(5):
+        loss = nn.functional.mse_loss(layer(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(layer.weight, packed) and torch.equal(layer.bias, bias)
+    assert layer.lora_A.weight.grad is not None and layer.bias.grad is None
+
+
+def test_merge_unmerge_lora_linear_exact():
+    layer = _randomize_adapter(LoRALinear.from_linear(_linear(), r=8))
+    x = torch.randn(4, 96)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged and _rel(layer(x), y) < 1e-6
+    layer.unmerge()
+    assert not layer.merged and _rel(layer(x), y) < 1e-6
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_merge_quantized_rounds_like_requantization():
+    layer = _randomize_adapter(QuantLoRALinear.from_linear(_linear(256, 128), r=8, compute_dtype=torch.float32))
+    x = torch.randn(16, 256)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged and _rel(layer(x), y) < 0.12  # one more NF4 rounding of W + BA
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    assert not layer.merged
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_state_dict_round_trip(double_quant):
+    layer = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=8, double_quant=double_quant,
+                                                           compute_dtype=torch.float32))
+    sd = layer.state_dict()
+    expected = {"weight", "bias", "lora_A.weight", "lora_B.weight", "weight.absmax", "weight.quant_map",
+                "weight.quant_state.bitsandbytes__nf4"}
+    if double_quant:
+        expected |= {"weight.nested_absmax", "weight.nested_quant_map"}
+    assert set(sd) == expected
+    fresh = QuantLoRALinear(96, 64, r=8, double_quant=not double_quant, compute_dtype=torch.float32)
+    fresh.load_state_dict(sd)
+    x = torch.randn(3, 96)
+    assert torch.equal(fresh(x), layer(x)) and fresh.double_quant == double_quant
+    bad = dict(sd)
+    bad["weight.quant_map"] = bad["weight.quant_map"] * 2
+    with pytest.raises(RuntimeError, match="quant_map is not the standard nf4 table"):
+        fresh.load_state_dict(bad)
+
+
+def test_half_cast_keeps_the_4bit_base():
+    layer = QuantLoRALinear.from_linear(_linear(), r=4, compute_dtype=torch.float32)
+    before = layer.weight.clone()
+    layer.half()
+    assert layer.weight.dtype == torch.uint8 and torch.equal(layer.weight, before)
+    assert layer.quant_state.absmax.dtype == torch.uint8 and layer.quant_state.nested_absmax.dtype == torch.float32
+    assert layer(torch.randn(2, 96)).shape == (2, 64)
+
+
+def test_gradient_checkpointing_gives_the_same_grads():
+    layer = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=4, compute_dtype=torch.float32))
+    x = torch.randn(8, 96, requires_grad=True)
+    layer(x).square().sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
+    for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+        t.grad = None
+    checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+    for g, t in zip(grads, (x, layer.lora_A.weight, layer.lora_B.weight)):
+        torch.testing.assert_close(t.grad, g)
+
+
+def test_torch_compile_module_matches_eager():
+    layer = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=4, compute_dtype=torch.float32))
+    x = torch.randn(6, 96)
+    torch.testing.assert_close(torch.compile(layer)(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        QuantLoRALinear.from_linear(_linear(), r=0)
+    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\)"):
+        LoRALinear.from_linear(_linear(), lora_dropout=1.0)
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        QuantLoRALinear.from_linear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(TypeError, match="compute_dtype must be"):
+        QuantLoRALinear(8, 8, compute_dtype=torch.float64)
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        LoRALinear(8, 8, init_lora_weights="zeros")
+
+
+@pytest.mark.cuda
+def test_cuda_move_and_forward(cuda_device):
+    layer = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=4, compute_dtype=torch.float32))
+    x = torch.randn(3, 96)
+    y = layer(x)
+    layer.to(cuda_device)
+    assert layer.weight.is_cuda and layer.quant_state.absmax.is_cuda and layer.quant_state.offset.is_cuda
+    assert _rel(layer(x.to(cuda_device)).cpu(), y) < 1e-5
+    layer.cpu()
+    assert not layer.quant_state.nested_absmax.is_cuda
