@@ -3,7 +3,6 @@
 // it with ATen's GEMM, move on. W never exists whole.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -16,7 +15,8 @@
 namespace qlora {
 namespace {
 
-constexpr int64_t kTileElements = int64_t{1} << 20;
+// 4M elements (8 MB at 16 bits): few, large GEMMs for typical layers, yet W is never whole above that.
+constexpr int64_t kTileElements = int64_t{1} << 22;
 
 // Visits row tiles [o0, o1) of W (out x in) as dense tensors of `tile_dtype`. Tiles start on block
 // boundaries (rows per tile are a multiple of blocksize / gcd(in, blocksize)), so each tile is whole
@@ -68,13 +68,19 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   check_linear_4bit_extras(x, out_features, lora_xa, lora_B, bias);
   const LinearSetup s = setup(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
                               nested_code, offset, nested_blocksize);
+  // y starts as the bias, and each GEMM accumulates into its columns in place (BLAS ldc): the base
+  // term is rounded once with its bias, as in addmm, and the LoRA term once more.
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  if (bias) {
+    y.copy_(bias->expand({x.size(0), out_features}));  // (not expand().contiguous(): one row would alias bias)
+  } else {
+    y.zero_();
+  }
   for_each_weight_tile(s.w, out_features, in_features, s.tile_dtype, x.options(),
                        [&](int64_t o0, int64_t o1, const at::Tensor& tile) {
-                         y.narrow(1, o0, o1 - o0).copy_(at::mm(x, tile.to(x.scalar_type()).t()));
+                         y.narrow(1, o0, o1 - o0).addmm_(x, tile.to(x.scalar_type()).t());
                        });
   if (lora_xa) y.addmm_(*lora_xa, lora_B->t());
-  if (bias) y.add_(*bias);
   return y;
 }
 
