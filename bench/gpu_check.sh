@@ -49,4 +49,5 @@ python3 -m pytest bench/bench_quantize.py -q -p no:cacheprovider --benchmark-ena
   --benchmark-json="$OUT_DIR/bench_quantize.json" --benchmark-columns=median,iqr,rounds >"$OUT_DIR/bench_quantize.log" 2>&1
 grep -E "^test_|passed|failed" "$OUT_DIR/bench_quantize.log" | tail -12
 python3 -m qlora_ext quant-report --device cuda --json "$OUT_DIR/quant_report.json" | tail -4
+python3 bench/linear_speed.py --json "$OUT_DIR/linear_speed.json" 2>&1 | tee "$OUT_DIR/linear_speed.txt" | tail -30
 python3 bench/quant_speed.py --json "$OUT_DIR/quant_speed.json" 2>&1 | tee "$OUT_DIR/quant_speed.txt"
