@@ -42,7 +42,7 @@ def _bnb_peft_layer(w: torch.Tensor, r: int, dtype: torch.dtype, device: str):
                                          nn.Sequential(base.to(device)))[0]
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(std=0.01)
-    return layer.to(dtype=dtype) if False else layer
+    return layer
 
 
 def _variants(w, r, dtype, device):
@@ -128,7 +128,9 @@ def gpu_bench(rows: list, ceilings: dict) -> None:
             variants = _variants(w, r, dtype, dev)
             x = torch.randn(4096, n, device=dev, dtype=dtype, requires_grad=True)
             res = {}
-            for name, (fn, _) in variants.items():
+            for name, (fn, params) in variants.items():
+                for t in [x, *params]:
+                    t.grad = None  # each variant pays for its own gradient buffers
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()

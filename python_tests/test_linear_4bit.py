@@ -218,3 +218,39 @@ def test_cuda_equals_cpu(cuda_device, rows):
     y_gpu = qlora_linear(args[0], args[1], state.to(cuda_device), A.to(cuda_device), B.to(cuda_device), 2.0,
                          b.to(cuda_device))
     assert _rel(y_gpu.cpu(), y_cpu) < 1e-5  # TF32 is off by default for matmuls
+
+
+@pytest.mark.parametrize("out_f,in_f,bs", [(1000, 4200, 64), (4097, 1100, 64), (130, 33000, 4096)])
+def test_several_cpu_tiles(out_f, in_f, bs):
+    """Layers above the CPU kernel's 4M-element tile: tile boundaries, a partial last tile."""
+    w = torch.randn(out_f, in_f)
+    packed, state = quantize_4bit(w, blocksize=bs)
+    x, g = torch.randn(3, in_f), torch.randn(3, out_f)
+    wd = dequantize_4bit(packed, state, out_dtype=torch.float32).double()
+    y = qlora_linear(x, packed, state)
+    assert _rel(y, x.double() @ wd.t()) < 5e-5  # float32 dot products over thousands of terms; a tile bug is O(1)
+    gx = torch.ops.qlora.linear_4bit_grad_input(g, *_op_quant_args(packed, state))
+    assert _rel(gx, g.double() @ wd) < 5e-5
+
+
+def _op_quant_args(packed, state):
+    out_f, in_f = state.shape
+    return (packed.flatten(), state.absmax, state.blocksize, state.quant_type, out_f, in_f, state.nested_absmax,
+            state.nested_code, state.offset.reshape(1), state.nested_blocksize)
+
+
+def test_autocast_and_non_contiguous_operands():
+    w, x, A, B, b = _operands((4,), 64, 48, 4, torch.float32)
+    packed, state = quantize_4bit(w)
+    y = qlora_linear(x, packed, state, A, B.t().contiguous().t(), 1.0, torch.stack([b, b], 1)[:, 0])
+    assert _rel(y, qlora_linear(x, packed, state, A, B, 1.0, b)) < 1e-7
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya = qlora_linear(x, packed, state, A, B, 1.0, b)
+    assert ya.dtype == torch.float32 and _rel(ya, y) < 1e-2
+
+
+def test_double_backward():
+    w, x, A, B, b = _operands((3,), 32, 16, 2, torch.float64)
+    packed, state = quantize_4bit(w, blocksize=32)
+    x.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: qlora_linear(x, packed, state, A, B, 1.0, b), (x,))

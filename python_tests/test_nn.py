@@ -179,3 +179,44 @@ def test_cuda_move_and_forward(cuda_device):
     assert _rel(layer(x.to(cuda_device)).cpu(), y) < 1e-5
     layer.cpu()
     assert not layer.quant_state.nested_absmax.is_cuda
+
+
+def test_autocast():
+    layer = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=4, compute_dtype=torch.float32))
+    x = torch.randn(3, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32 and _rel(y, layer(x)) < 1e-2
+
+
+def test_load_packed_weight_stored_as_bf16_then_cast():
+    from qlora_ext.functional import quantize_4bit
+
+    lin = _linear(96, 65)  # 3120 bytes: a bf16 view of 1560 elements
+    layer = QuantLoRALinear.from_linear(lin, r=4, compute_dtype=torch.float32)
+    x = torch.randn(2, 96)
+    y = layer(x)
+    packed, state = quantize_4bit(lin.weight.detach(), quant_storage=torch.bfloat16)
+    sd = {**layer.state_dict(), "weight": packed, **state.to_dict(prefix="weight.")}
+    fresh = QuantLoRALinear(96, 65, r=4, compute_dtype=torch.float32)
+    fresh.load_state_dict(sd)  # strict
+    fresh.float()
+    assert fresh.weight.dtype == torch.uint8 and torch.equal(fresh(x), y)
+
+
+def test_failed_load_leaves_the_module_unchanged():
+    layer = QuantLoRALinear.from_linear(_linear(96, 64), r=4, compute_dtype=torch.float32)
+    other = QuantLoRALinear.from_linear(_linear(96, 65), r=4, compute_dtype=torch.float32)
+    before = layer.weight.clone()
+    with pytest.raises(RuntimeError, match="does not match"):
+        layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer.weight, before) and tuple(layer.quant_state.shape) == (64, 96)
+
+
+def test_meta_init_then_assign_load():
+    src = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=4, compute_dtype=torch.float32))
+    with torch.device("meta"):
+        layer = QuantLoRALinear(96, 64, r=4, compute_dtype=torch.float32)
+    layer.load_state_dict(src.state_dict(), assign=True)
+    x = torch.randn(2, 96)
+    assert torch.equal(layer(x), src(x))

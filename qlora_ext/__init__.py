@@ -32,7 +32,11 @@ def kernels_in_use(device: str | None = None) -> str:
     if str(device).startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} asked for, but no CUDA GPU is visible")
-        return f"qlora_ext: CUDA kernels on {torch.cuda.get_device_name(torch.device(device))}"
+        import os
+
+        gemv = "on" if os.environ.get("QLORA_EXT_GEMV") == "1" else "off (QLORA_EXT_GEMV=1 turns it on)"
+        return (f"qlora_ext: CUDA kernels on {torch.cuda.get_device_name(torch.device(device))}; "
+                f"fused decode kernel {gemv}")
     cuda_note = "CUDA kernels compiled in, no GPU visible" if built_with_cuda() else "CPU-only build"
     return f"qlora_ext: CPU kernels ({torch.get_num_threads()} threads; {cuda_note})"
 

@@ -1,7 +1,7 @@
 """Fake (meta) kernels of the qlora:: ops, so torch.compile and FakeTensor tracing see their output
 shapes without running them. Schemas live in csrc/ops.cpp; real kernels in csrc/cpu and csrc/cuda.
-None of these ops is differentiable (quantization state is not a parameter), so no autograd is
-registered; callers pass detached tensors.
+Quantization ops are not differentiable (callers pass detached tensors); linear_4bit and its input
+gradient op have autograd registered at the end of this file.
 """
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ def _quantize_8bit_blockwise_fake(A: torch.Tensor, code: torch.Tensor, blocksize
 def _linear_4bit_fake(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax=None,
                       nested_code=None, offset=None, nested_blocksize=256, lora_xa=None, lora_B=None, bias=None):
     torch._check(x.dim() == 2, lambda: f"x must be 2-D (rows, in_features), got {x.dim()} dimensions")
-    torch._check(x.shape[1] == in_features, lambda: f"x must have in_features = {in_features} columns")
+    torch._check(x.shape[1] == in_features,
+                 lambda: f"x must have in_features = {in_features} columns, got {x.shape[1]}")
     torch._check((lora_xa is None) == (lora_B is None), lambda: "lora_xa and lora_B must be given together")
     return x.new_empty((x.shape[0], out_features))
 
@@ -76,6 +77,8 @@ def _linear_4bit_fake(x, packed, absmax, blocksize, quant_type, out_features, in
 def _linear_4bit_grad_input_fake(grad, packed, absmax, blocksize, quant_type, out_features, in_features,
                                  nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
     torch._check(grad.dim() == 2, lambda: f"grad must be 2-D (rows, out_features), got {grad.dim()} dimensions")
+    torch._check(grad.shape[1] == out_features,
+                 lambda: f"grad must have out_features = {out_features} columns, got {grad.shape[1]}")
     return grad.new_empty((grad.shape[0], in_features))
 
 
@@ -108,4 +111,23 @@ def _linear_4bit_backward(ctx, grad):
 
 torch.library.register_autograd(
     "qlora::linear_4bit", _linear_4bit_backward, setup_context=_linear_4bit_setup_context
+)
+
+
+def _grad_input_setup_context(ctx, inputs, output):
+    ctx.meta = inputs[3:7] + inputs[10:11]  # blocksize, quant_type, out, in, nested_blocksize
+    ctx.save_for_backward(*inputs[1:3], *inputs[7:10])
+
+
+def _grad_input_backward(ctx, gg):
+    # (g W) is linear in g, so d/dg applied to gg is gg W^T: the forward op without its LoRA term
+    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    blocksize, quant_type, out_features, in_features, nested_blocksize = ctx.meta
+    g = torch.ops.qlora.linear_4bit(gg.contiguous(), packed, absmax, blocksize, quant_type, out_features,
+                                    in_features, nested_absmax, nested_code, offset, nested_blocksize)
+    return (g,) + (None,) * 10
+
+
+torch.library.register_autograd(
+    "qlora::linear_4bit_grad_input", _grad_input_backward, setup_context=_grad_input_setup_context
 )

@@ -150,7 +150,7 @@ class QuantState:
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {meta['dtype']!r}")
         code = items["quant_map"].to(device=device, dtype=torch.float32)
-        if not torch.equal(code.cpu(), code_4bit(quant_type)):
+        if not code.is_meta and not torch.equal(code.cpu(), code_4bit(quant_type)):
             raise ValueError(f"{prefix}quant_map is not the standard {quant_type} table; custom 4-bit codes "
                              "are not supported")
         state = cls(
@@ -337,7 +337,7 @@ def qlora_linear(
         raise ValueError(f"state.shape must be (out_features, in_features), got {tuple(state.shape)}")
     out_features, in_features = state.shape
     if x.dtype not in _FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"x must be float32, float16 or bfloat16 (or float64 on the CPU), got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x must have in_features = {in_features} in its last dimension, got shape {tuple(x.shape)}")
     if packed.device != x.device:
@@ -360,11 +360,15 @@ def qlora_linear(
             raise ValueError(f"bias must be (out_features,) = ({out_features},), got {tuple(bias.shape)}")
 
     data, absmax, blocksize, quant_type, nested = _state_args(packed, state)
-    x2 = x.reshape(-1, in_features)
+    x2 = x.reshape(x.shape[:-1].numel(), in_features)
     xa = None
     if lora_A is not None:
         xd = torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2
-        xa = (xd @ lora_A.t()) * scaling
+        # .to(x.dtype): under autocast the matmul returns the autocast dtype; the op computes in x's
+        xa = ((xd @ lora_A.t()) * scaling).to(x.dtype)
+        lora_B = lora_B.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
     y = torch.ops.qlora.linear_4bit(x2, data, absmax, blocksize, quant_type, out_features, in_features, *nested,
                                     xa, lora_B, bias)
     return y.reshape(*x.shape[:-1], out_features)

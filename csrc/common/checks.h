@@ -44,7 +44,7 @@ inline void check_float_input(const at::Tensor& t, const char* name) {
 
 inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device) {
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, " (the device of the packed weight), got ",
+  TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, " (the device of the other operands), got ",
                     t.device());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }

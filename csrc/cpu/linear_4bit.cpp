@@ -1,6 +1,8 @@
 // CPU kernels: the 4-bit linear (y = x W^T + lora_xa B^T + bias) and its input gradient (g W),
-// blocked over rows of W: dequantize a tile of W (about 1M elements) into a reused buffer, multiply
-// it with ATen's GEMM, move on. W never exists whole.
+// blocked over rows of W: dequantize a tile of W (about 4M elements) into a reused buffer, multiply
+// it with ATen's GEMM, move on. Tiles hold whole blocks, so a tile is at least blocksize / gcd(in,
+// blocksize) rows: with an odd in_features and a large blocksize that minimum (and so the buffer) can
+// exceed 4M elements; for usual layers (in_features a multiple of 64) W never exists whole above 4M.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>

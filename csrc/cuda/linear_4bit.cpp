@@ -1,13 +1,22 @@
-// CUDA glue of the 4-bit linear and its input gradient. Training path (this file, today, for every
-// row count): dequantize W with the bandwidth-bound kernel of dequantize.cu into a transient tensor
-// (freed on return, so one layer's W at most is alive), then cuBLAS through ATen. A fused decode
-// kernel for few rows is the next step (see the issue); it must beat this path to replace it.
+// CUDA glue of the 4-bit linear and its input gradient.
+// - Training path (any row count): dequantize W with the bandwidth-bound kernel of dequantize.cu into a
+//   transient tensor (freed on return, so one layer's W at most is alive), then cuBLAS through ATen.
+// - Decode path (<= 16 rows, in_features % 16 == 0): gemv_4bit.cu, one launch reading the packed weight
+//   once. It has compiled but not yet run on a GPU, so it is opt-in (QLORA_EXT_GEMV=1) until the CUDA
+//   tests and bench/linear_speed.py have run it; qlora_ext.kernels_in_use() reports the setting.
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common/checks.h"
+#include "cuda/gemv_4bit.h"
 #include "cuda/glue.h"
 
 namespace qlora {
@@ -24,6 +33,59 @@ at::Tensor dense_weight(const at::Tensor& act, const at::Tensor& packed, const a
                               nested_code, offset, nested_blocksize);
 }
 
+bool gemv_enabled() {
+  const char* v = std::getenv("QLORA_EXT_GEMV");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+cuda::DType gemv_dtype(at::ScalarType st) {
+  return st == at::kFloat ? cuda::DType::F32 : (st == at::kHalf ? cuda::DType::F16 : cuda::DType::BF16);
+}
+
+// The decode kernel: y = x W^T + lora_xa B^T + bias in one launch (the caller checked the arguments).
+at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                     const std::string& quant_type, int64_t out_features, int64_t in_features,
+                     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                     const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                     const std::optional<at::Tensor>& lora_xa, const std::optional<at::Tensor>& lora_B,
+                     const std::optional<at::Tensor>& bias) {
+  const std::vector<c10::SymInt> shape{c10::SymInt(out_features), c10::SymInt(in_features)};
+  const DequantizeArgs q = check_dequantize_4bit_args(packed, absmax, blocksize, quant_type, shape,
+                                                      x.scalar_type(), nested_absmax, nested_code, offset,
+                                                      nested_blocksize);
+  TORCH_CHECK_VALUE(x.device() == packed.device(), "x and packed must be on one device, got ", x.device(), " and ",
+                    packed.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  cuda::Gemv4bitArgs a;
+  a.x = xc.const_data_ptr();
+  a.packed = packed.const_data_ptr<uint8_t>();
+  if (nested_absmax) {
+    a.nested.q = absmax.const_data_ptr<uint8_t>();
+    a.nested.absmax2 = nested_absmax->const_data_ptr<float>();
+    a.nested.code = nested_code->const_data_ptr<float>();
+    a.nested.offset = offset->const_data_ptr<float>();
+    a.nested.blocksize_log2 = blocksize_log2(nested_blocksize);
+  } else {
+    a.absmax = absmax.const_data_ptr<float>();
+  }
+  a.qt = q.qt;
+  a.bs_log2 = blocksize_log2(blocksize);
+  a.rows = x.size(0);
+  a.in_features = in_features;
+  a.out_features = out_features;
+  if (lora_xa) {
+    a.lora_xa = lora_xa->const_data_ptr();
+    a.lora_B = lora_B->const_data_ptr();
+    a.rank = static_cast<int>(lora_B->size(1));
+  }
+  if (bias) a.bias = bias->const_data_ptr();
+  a.y = y.mutable_data_ptr();
+  cuda::gemv_4bit(a, gemv_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
 at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                             int64_t blocksize, const std::string& quant_type, int64_t out_features,
                             int64_t in_features, const std::optional<at::Tensor>& nested_absmax,
@@ -33,6 +95,11 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   check_activation(x, "x", in_features, "in_features", /*allow_double=*/false);
   check_linear_4bit_extras(x, out_features, lora_xa, lora_B, bias);
   const c10::cuda::CUDAGuard guard(x.device());
+  if (gemv_enabled() && x.size(0) <= cuda::kGemvMaxRows && in_features % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 8 == 0) {
+    return gemv_4bit(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
+                     nested_code, offset, nested_blocksize, lora_xa, lora_B, bias);
+  }
   const at::Tensor w = dense_weight(x, packed, absmax, blocksize, quant_type, out_features, in_features,
                                     nested_absmax, nested_code, offset, nested_blocksize);
   at::Tensor y = bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());

@@ -35,7 +35,7 @@ class QuantLoRALinear(LoRALayer):
         self.compute_dtype = compute_dtype
         base = nn.Linear(in_features, out_features, bias=bias, device=device)  # nn.Linear's init, quantized
         self._quantize(base.weight.detach())
-        self.bias = nn.Parameter(base.bias.detach().to(compute_dtype), requires_grad=False) if bias else None
+        self.bias = nn.Parameter(base.bias.detach(), requires_grad=False) if bias else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
@@ -55,8 +55,8 @@ class QuantLoRALinear(LoRALayer):
         layer.quant_type, layer.blocksize, layer.double_quant = quant_type, blocksize, double_quant
         layer.compute_dtype = compute_dtype
         layer._quantize(linear.weight.detach())
-        layer.bias = (nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
-                      if linear.bias is not None else None)
+        # the bias keeps its dtype (cast to compute_dtype in the forward) and shares the source's storage
+        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False) if linear.bias is not None else None
         return layer
 
     def _quantize(self, weight: torch.Tensor) -> None:
@@ -101,29 +101,37 @@ class QuantLoRALinear(LoRALayer):
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         qs_prefix = prefix + "weight."
         qs_keys = [k for k in state_dict if k.startswith(qs_prefix)]
-        if qs_keys:
+        rest = {k: v for k, v in state_dict.items() if k not in qs_keys}
+        if not qs_keys:
+            if strict:
+                missing_keys.append(qs_prefix + "absmax")
+        else:
             try:
-                state = QuantState.from_dict({k: state_dict[k] for k in qs_keys}, prefix=qs_prefix,
-                                             device=self.weight.device)
+                device = None if self.weight.is_meta else self.weight.device  # meta: keep the checkpoint's
+                state = QuantState.from_dict({k: state_dict[k] for k in qs_keys}, prefix=qs_prefix, device=device)
+                if tuple(state.shape) != (self.out_features, self.in_features):
+                    raise ValueError(f"quant state shape {tuple(state.shape)} does not match "
+                                     f"({self.out_features}, {self.in_features})")
+                packed = rest.get(prefix + "weight")
+                if packed is not None:
+                    # any quant_storage (bf16, ...): keep the bytes as uint8 (n, 1), which dtype casts leave alone
+                    packed = packed.reshape(-1).view(torch.uint8).unsqueeze(1)
+                    if packed.numel() < (state.numel + 1) // 2:
+                        raise ValueError(f"weight holds {packed.numel()} bytes, the quant state needs "
+                                         f"{(state.numel + 1) // 2}")
+                    if packed.shape != self.weight.shape:
+                        self._buffers["weight"] = torch.empty_like(packed, device=self.weight.device)
+                    rest[prefix + "weight"] = packed
             except ValueError as e:
                 error_msgs.append(f"{prefix}weight: {e}")
+                rest.pop(prefix + "weight", None)  # leave the module as it was
+                missing_keys.append(prefix + "weight")
             else:
-                if tuple(state.shape) != (self.out_features, self.in_features):
-                    error_msgs.append(f"{prefix}weight: quant state shape {tuple(state.shape)} does not match "
-                                      f"({self.out_features}, {self.in_features})")
-                else:
-                    state.dtype = self.compute_dtype
-                    self.quant_state = state
-                    self.quant_type, self.blocksize = state.quant_type, state.blocksize
-                    self.double_quant = state.double_quant
-            state_dict = {k: v for k, v in state_dict.items() if k not in qs_keys}
-        elif strict:
-            missing_keys.append(qs_prefix + "absmax")
-        packed = state_dict.get(prefix + "weight")
-        if packed is not None and packed.shape != self.weight.shape:  # another quant_storage: take it as is
-            self._buffers["weight"] = packed.to(self.weight.device)
-            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                state.dtype = self.compute_dtype
+                self.quant_state = state
+                self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, \
+                    state.double_quant
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,33 @@
+// Launcher of the decode kernel (gemv_4bit.cu): plain types only, no torch headers.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/launch.h"
+
+namespace qlora {
+namespace cuda {
+
+constexpr int kGemvMaxRows = 16;
+
+// y (rows x out_features) = x (rows x in_features) W^T [+ lora_xa (rows x rank) lora_B^T] [+ bias], all of
+// one dtype, contiguous, on the device; W is the 4-bit state (packed 8-byte aligned, in_features % 16 == 0).
+struct Gemv4bitArgs {
+  const void* x = nullptr;
+  const uint8_t* packed = nullptr;
+  const float* absmax = nullptr;  // float32 absmax, or null when nested.q is set
+  NestedAbsmax nested;
+  QuantType qt = QuantType::NF4;
+  int bs_log2 = 6;
+  int64_t rows = 0, in_features = 0, out_features = 0;
+  const void* lora_xa = nullptr;  // optional
+  const void* lora_B = nullptr;
+  int rank = 0;
+  const void* bias = nullptr;  // optional
+  void* y = nullptr;
+};
+
+void gemv_4bit(const Gemv4bitArgs& args, DType dtype, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace qlora
