@@ -244,7 +244,8 @@ def quantize_4bit(
     packed, absmax = torch.ops.qlora.quantize_4bit(w.detach().contiguous(), blocksize, quant_type)
     state = QuantState(absmax, shape, dtype, blocksize, quant_type, code_4bit(quant_type, w.device))
     if double_quant:
-        # the same reduction bitsandbytes uses, so the offset is bit-identical (an empty tensor: 0, not NaN)
+        # the same reduction bitsandbytes uses, so the offset is bit-identical (an empty tensor: 0, not NaN);
+        # under torch.compile, Inductor's own reduction may round the offset's last bit differently
         offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
         code8 = dynamic_map(w.device)
         qabsmax, nested_absmax = torch.ops.qlora.quantize_8bit_blockwise(absmax - offset, code8, NESTED_BLOCKSIZE)
