@@ -46,8 +46,12 @@ python3 -m pytest python_tests -m "not cuda" -q --tb=short -rfE --maxfail=30 -p 
 
 echo "== benchmarks"
 python3 -m pytest bench/bench_quantize.py -q -p no:cacheprovider --benchmark-enable \
-  --benchmark-json="$OUT_DIR/bench_quantize.json" --benchmark-columns=median,iqr,rounds >"$OUT_DIR/bench_quantize.log" 2>&1
-grep -E "^test_|passed|failed" "$OUT_DIR/bench_quantize.log" | tail -12
+  --benchmark-json="$OUT_DIR/bench_quantize.json" --benchmark-columns=median,iqr,rounds 2>&1 | grep -E "^test_|passed|failed" | tail -12
 python3 -m qlora_ext quant-report --device cuda --json "$OUT_DIR/quant_report.json" | tail -4
 python3 bench/linear_speed.py --json "$OUT_DIR/linear_speed.json" 2>&1 | tee "$OUT_DIR/linear_speed.txt" | tail -30
+echo "== the fused decode kernel (opt-in until verified here): CUDA linear tests, then decode timings"
+QLORA_EXT_GEMV=1 python3 -m pytest python_tests/test_linear_4bit.py python_tests/test_nn.py -m cuda -q --tb=short \
+  -rfE -p no:cacheprovider 2>&1 | tee -a "$OUT_DIR/pytest.log" | tail -8
+QLORA_EXT_GEMV=1 python3 bench/linear_speed.py --json "$OUT_DIR/linear_speed_gemv.json" 2>&1 | grep -E "decode|kernels" \
+  | tee -a "$OUT_DIR/linear_speed.txt"
 python3 bench/quant_speed.py --json "$OUT_DIR/quant_speed.json" 2>&1 | tee "$OUT_DIR/quant_speed.txt"

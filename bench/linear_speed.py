@@ -11,7 +11,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import copy_bandwidth, cpu_time  # noqa: E402
+from timing import copy_bandwidth, cpu_time, event_time, format_table  # noqa: E402
 
 import qlora_ext  # noqa: E402
 from qlora_ext import reference as ref  # noqa: E402
@@ -90,19 +89,8 @@ def cpu_bench(rows: list, n: int = 2048, batch: int = 512, r: int = 16) -> None:
                              ours_speedup=t / base))
 
 
-def _cuda_ms(fn, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def _cuda_ms(fn, reps=20):
+    return event_time(fn, reps=reps) * 1e3
 
 
 def gpu_bench(rows: list, ceilings: dict) -> None:
@@ -144,14 +132,8 @@ def gpu_bench(rows: list, ceilings: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def format_table(rows: list) -> str:
-    cols = ["device", "work", "shape", "rows", "r", "dtype", "variant", "ms", "ours_speedup", "packed_frac_bw",
-            "peak_extra_MiB"]
-    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
-    fmt = lambda v: "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
-    table = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in table)
+COLUMNS = ["device", "work", "shape", "rows", "r", "dtype", "variant", "ms", "ours_speedup", "packed_frac_bw",
+           "peak_extra_MiB"]
 
 
 def main() -> None:
@@ -174,7 +156,7 @@ def main() -> None:
             json.dump(result, f, indent=2)
     print(f"{result['kernels']}; ceilings: {ceilings}")
     print("ours_speedup = variant time / ours (fused) time: above 1 means ours is faster")
-    print(format_table(rows))
+    print(format_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import bf16_matmul_rate, copy_bandwidth, cpu_time, cuda_time  # noqa: E402
+from timing import bf16_matmul_rate, copy_bandwidth, cpu_time, cuda_time, format_table  # noqa: E402
 
 import qlora_ext  # noqa: E402
 from qlora_ext import dequantize_4bit, quantize_4bit  # noqa: E402
@@ -115,14 +115,8 @@ def gpu_bench(rows: list, ceilings: dict) -> None:
         row.update(bnb_us=tb * 1e6, speedup_vs_bnb=tb / t, bnb_timing=mb)
 
 
-def format_table(rows: list) -> str:
-    cols = ["device", "op", "shape", "dtype", "ours_ms", "ref_ms", "speedup_vs_ref", "ours_us", "GBps",
-            "frac_copy_bw", "bnb_ms", "bnb_us", "speedup_vs_bnb", "torchao_us", "speedup_vs_torchao"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    table = [cols] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in table)
+COLUMNS = ["device", "op", "shape", "dtype", "ours_ms", "ref_ms", "speedup_vs_ref", "ours_us", "GBps", "frac_copy_bw",
+           "bnb_ms", "bnb_us", "speedup_vs_bnb", "torchao_us", "speedup_vs_torchao"]
 
 
 def main() -> None:
@@ -148,7 +142,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     print(f"{result['kernels']}; ceilings: {ceilings}")
-    print(format_table(rows))
+    print(format_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

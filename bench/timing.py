@@ -1,5 +1,6 @@
-"""Timing helpers shared by the benchmarks: CUDA-graph replay timed with events (launch gaps out),
-host timing for CPU kernels, and the two ceilings (copy bandwidth, bf16 matmul rate)."""
+"""Helpers shared by the benchmarks: CUDA-graph replay timed with events (launch gaps out), event
+timing of eager loops, host timing for CPU kernels, the two ceilings (copy bandwidth, bf16 matmul
+rate), and the printed table."""
 from __future__ import annotations
 
 import statistics
@@ -19,6 +20,31 @@ def cpu_time(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def event_time(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float:
+    """Median seconds of ``fn()`` (eager, e.g. forward + backward) between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def format_table(rows: list[dict], cols: list[str]) -> str:
+    """The columns of ``cols`` that any row has, right-aligned, floats to 3 significant digits."""
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    fmt = lambda v: "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
+    table = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in table)
 
 
 def cuda_time(fns: Sequence[Callable[[], object]], inner: int = 10, reps: int = 20) -> tuple[float, str]:
