@@ -32,6 +32,19 @@ TORCH_LIBRARY(qlora, m) {
       "SymInt out_features, SymInt in_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
       "Tensor? offset=None, int nested_blocksize=256) -> Tensor");
 
+  // Fused AdamW (torch.optim.AdamW's math) over many tensors in one call. params: float32/16/bf16;
+  // grads: same dtype and shape; exp_avgs / exp_avg_sqs: float32 states, updated in place.
+  m.def(
+      "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+
+  // The same with 8-bit states: uint8 codes of m (signed dynamic map `code_m`) and v (unsigned map
+  // `code_v`) in blocks of 256, each block with a bfloat16 absmax (rounded up), all updated in place.
+  m.def(
+      "adamw8bit_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] absmax_m, Tensor(e!)[] absmax_v, Tensor code_m, Tensor code_v, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, int step) -> ()");
+
   // Blockwise dynamic 8-bit quantization to the nearest of 256 sorted `code` values (used for the
   // double quantization of absmax). A: contiguous float32. Returns uint8 codes and float32 absmax.
   m.def("quantize_8bit_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");

@@ -131,3 +131,16 @@ def _grad_input_backward(ctx, gg):
 torch.library.register_autograd(
     "qlora::linear_4bit_grad_input", _grad_input_backward, setup_context=_grad_input_setup_context
 )
+
+
+# ---- fused AdamW steps: in place, nothing returned ------------------------------------------------
+
+@torch.library.register_fake("qlora::adamw_step_")
+def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step):
+    return None
+
+
+@torch.library.register_fake("qlora::adamw8bit_step_")
+def _adamw8bit_step_fake(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, code_m, code_v, lr, beta1,
+                         beta2, eps, weight_decay, step):
+    return None

@@ -68,23 +68,28 @@ def code_4bit(quant_type: str, device: torch.device | str | None = None) -> torc
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def _dynamic_map_values() -> tuple[float, ...]:
-    # Signed dynamic 8-bit map (Dettmers 2015): for each exponent level i = 0..6 (scale 10^(i-6)),
-    # 2^i fraction values = midpoints of linspace(0.1, 1, 2^i + 1), with both signs; plus 0 and 1.
-    # Computed in float32 exactly as bitsandbytes' create_dynamic_map(signed=True) does.
+def _dynamic_map_values(signed: bool) -> tuple[float, ...]:
+    # Dynamic 8-bit map (Dettmers 2015): for each exponent level i = 0..6 (scale 10^(i-6)), the
+    # midpoints of linspace(0.1, 1, k + 1) with k = 2^i (signed: both signs) or 2^(i+1) (unsigned);
+    # plus 0 and 1. Computed in float32 as bitsandbytes' create_dynamic_map does.
     values = [0.0, 1.0]
     for i in range(7):
-        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        bounds = torch.linspace(0.1, 1, (2**i if signed else 2 ** (i + 1)) + 1, dtype=torch.float32)
         means = (bounds[:-1] + bounds[1:]) / 2.0
         values += ((10 ** (i - 6)) * means).tolist()
-        values += (-(10 ** (i - 6)) * means).tolist()
+        if signed:
+            values += (-(10 ** (i - 6)) * means).tolist()
     assert len(values) == 256
     return tuple(sorted(values))
 
 
-DYNAMIC_MAP_VALUES = _dynamic_map_values()  # computed once, at import (torch.compile sees a constant)
+# computed once, at import (torch.compile sees constants)
+DYNAMIC_MAP_VALUES = _dynamic_map_values(signed=True)
+DYNAMIC_MAP_UNSIGNED_VALUES = _dynamic_map_values(signed=False)
 
 
-def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
-    """The 256 sorted float32 values of the signed dynamic 8-bit map (double quantization's code)."""
-    return torch.tensor(DYNAMIC_MAP_VALUES, dtype=torch.float32, device=device)
+def dynamic_map(device: torch.device | str | None = None, signed: bool = True) -> torch.Tensor:
+    """The 256 sorted float32 values of the dynamic 8-bit map: signed (double quantization's code,
+    8-bit Adam's first moment) or unsigned (8-bit Adam's second moment)."""
+    values = DYNAMIC_MAP_VALUES if signed else DYNAMIC_MAP_UNSIGNED_VALUES
+    return torch.tensor(values, dtype=torch.float32, device=device)

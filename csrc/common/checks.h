@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/safe_numerics.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -150,6 +151,34 @@ inline void check_linear_4bit_extras(const at::Tensor& x, int64_t out_features,
     check_tensor(*bias, "bias", x.scalar_type(), x.device());
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "bias must be (out_features,) = (",
                       out_features, ",), got ", bias->sizes());
+  }
+}
+
+// Hyper-parameters and tensor lists of the AdamW ops; `states_dtype` is float32 or uint8 (8-bit).
+inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList m, at::TensorList v,
+                             at::ScalarType states_dtype, double lr, double beta1, double beta2, double eps,
+                             double weight_decay, int64_t step) {
+  TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, "lr must be a finite number >= 0, got ", lr);
+  TORCH_CHECK_VALUE(beta1 >= 0 && beta1 < 1, "beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0 && beta2 < 1, "beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(weight_decay >= 0, "weight_decay must be >= 0, got ", weight_decay);
+  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1, got ", step);
+  TORCH_CHECK_VALUE(grads.size() == params.size() && m.size() == params.size() && v.size() == params.size(),
+                    "params, grads and the state lists must have one entry per parameter");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const auto st = p.scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+                     "params must be float32, float16 or bfloat16, got ", st, " at index ", i);
+    TORCH_CHECK_VALUE(p.is_contiguous(), "params[", i, "] must be contiguous");
+    check_tensor(grads[i], "grads[i]", st, p.device());
+    TORCH_CHECK_VALUE(grads[i].numel() == p.numel(), "grads[", i, "] has ", grads[i].numel(),
+                      " elements, the parameter ", p.numel());
+    check_tensor(m[i], "exp_avgs[i]", states_dtype, p.device());
+    check_tensor(v[i], "exp_avg_sqs[i]", states_dtype, p.device());
+    TORCH_CHECK_VALUE(m[i].numel() == p.numel() && v[i].numel() == p.numel(), "the states of parameter ", i,
+                      " must have ", p.numel(), " elements");
   }
 }
 

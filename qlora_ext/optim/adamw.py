@@ -1,0 +1,157 @@
+"""AdamW (torch.optim.AdamW's update rule and arguments) with fused multi-tensor kernels: 32-bit
+states (:class:`PagedAdamW`) or blockwise dynamic 8-bit states (:class:`PagedAdamW8bit`,
+:class:`AdamW8bit`; 2.016 bytes of state per parameter instead of 8).
+"""
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .. import _ops  # noqa: F401  (fake kernels)
+from ..codes import dynamic_map
+from . import paged
+
+_BLOCK = 256  # 8-bit states: one bfloat16 absmax per 256 values
+
+
+class _AdamWBase(torch.optim.Optimizer):
+    """Shared machinery. Subclasses set ``_bits`` (32 or 8) and ``_paged``."""
+
+    _bits = 32
+    _paged = False
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = 4096) -> None:
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.min_8bit_size = min_8bit_size
+        self._stash: dict | None = None
+        self.register_load_state_dict_pre_hook(_stash_states)
+        self.register_load_state_dict_post_hook(_restore_states)
+
+    def _uses_8bit(self, p: torch.Tensor) -> bool:
+        return self._bits == 8 and p.numel() >= self.min_8bit_size
+
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        state["step"] = 0
+        if self._uses_8bit(p):
+            blocks = -(-p.numel() // _BLOCK)
+            state["exp_avg"] = paged.state_zeros(p, torch.uint8)
+            state["exp_avg_sq"] = paged.state_zeros(p, torch.uint8)
+            state["absmax_m"] = paged.state_zeros(p, torch.bfloat16, blocks)
+            state["absmax_v"] = paged.state_zeros(p, torch.bfloat16, blocks)
+        else:
+            state["exp_avg"] = paged.state_zeros(p, torch.float32)
+            state["exp_avg_sq"] = paged.state_zeros(p, torch.float32)
+
+    def _check_param(self, p: torch.Tensor) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if p.is_complex():
+            raise TypeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
+        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{type(self).__name__} supports float32/float16/bfloat16 parameters, got {p.dtype}")
+        if not p.is_contiguous():
+            raise ValueError(f"{type(self).__name__} needs contiguous parameters")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW step over every parameter with a gradient: one fused call per (state kind, step
+        count, device) bucket."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            buckets: dict[tuple, list] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._check_param(p)
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                elif self._paged:
+                    for k, v in state.items():
+                        if isinstance(v, torch.Tensor):
+                            state[k] = paged.page_in(v, p.device)
+                state["step"] += 1
+                buckets[(self._uses_8bit(p), state["step"], p.device)].append(p)
+            for (eight, step, device), ps in buckets.items():
+                grads = [p.grad.contiguous() if p.grad.dtype == p.dtype else p.grad.to(p.dtype) for p in ps]
+                st = [self.state[p] for p in ps]
+                hyper = (lr, beta1, beta2, eps, wd, step)
+                if eight:
+                    torch.ops.qlora.adamw8bit_step_(
+                        ps, grads, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+                        [s["absmax_m"] for s in st], [s["absmax_v"] for s in st], dynamic_map(device),
+                        dynamic_map(device, signed=False), *hyper)
+                else:
+                    torch.ops.qlora.adamw_step_(ps, grads, [s["exp_avg"] for s in st],
+                                                [s["exp_avg_sq"] for s in st], *hyper)
+        return loss
+
+    def page_out(self) -> None:
+        """Moves every state tensor to host memory (back to the parameter's device at the next step),
+        so GPU memory is free for an allocation spike. A no-op for the non-paged optimizers."""
+        if not self._paged:
+            return
+        for state in self.state.values():
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    state[k] = paged.page_out(v)
+
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state held now (all parameters)."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
+
+
+def _stash_states(optimizer: _AdamWBase, state_dict: dict) -> None:
+    # torch's load_state_dict casts floating states to the parameter's dtype (uint8 codes and float32
+    # moments too): keep the originals and put them back, on the parameter's device, afterwards.
+    saved_ids = list(itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+    optimizer._stash = {i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+                        for i, s in state_dict["state"].items()} | {"__ids__": saved_ids}
+
+
+def _restore_states(optimizer: _AdamWBase) -> None:
+    stash, optimizer._stash = optimizer._stash, None
+    if stash is None:
+        return
+    params = itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    for saved_id, p in zip(stash["__ids__"], params):
+        if saved_id in stash:
+            optimizer.state[p] = {k: (v.to(p.device) if isinstance(v, torch.Tensor) else v)
+                                  for k, v in stash[saved_id].items()}
+
+
+class PagedAdamW(_AdamWBase):
+    """AdamW with float32 states (8 bytes per parameter) that can be paged out of GPU memory
+    (:meth:`page_out`). Arguments as ``torch.optim.AdamW`` (``lr, betas, eps, weight_decay``)."""
+
+    _bits, _paged = 32, True
+
+
+class PagedAdamW8bit(_AdamWBase):
+    """AdamW with blockwise dynamic 8-bit states (blocks of 256, bfloat16 absmax: 2.016 bytes per
+    parameter); tensors under ``min_8bit_size`` (4096) elements keep float32 states. Pageable."""
+
+    _bits, _paged = 8, True
+
+
+class AdamW8bit(_AdamWBase):
+    """:class:`PagedAdamW8bit` without paging."""
+
+    _bits, _paged = 8, False
