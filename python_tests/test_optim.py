@@ -1,0 +1,209 @@
+"""qlora_ext.optim: PagedAdamW tracks torch.optim.AdamW; the 8-bit variants reach the same loss;
+state_dict resumes bit-identically (also across paged / non-paged); state bytes per parameter; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qlora_ext.optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
+
+SHAPES = [(300, 7), (5000,), (1,), (64, 65)]
+
+
+def _params(device="cpu", dtype=torch.float32):
+    return [nn.Parameter(torch.randn(s, device=device, dtype=dtype)) for s in SHAPES]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_paged_adamw_tracks_torch_adamw(weight_decay, device="cpu"):
+    ours, ref = _params(device), None
+    ref = [nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay)
+    o1, o2 = PagedAdamW(ours, **kw), torch.optim.AdamW(ref, **kw)
+    for _ in range(100):
+        for p, q in zip(ours, ref):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    for p, q in zip(ours, ref):
+        assert _rel(p, q) <= 1e-6
+
+
+def _regression(opt_cls, steps=300, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(512, 64)
+    w_true = torch.randn(64, 96)
+    y = x @ w_true + 0.01 * torch.randn(512, 96)
+    model = nn.Linear(64, 96)  # 6144 weights: over the 8-bit threshold
+    opt = opt_cls(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return nn.functional.mse_loss(model(x), y).item()
+
+
+@pytest.mark.parametrize("cls", [AdamW8bit, PagedAdamW8bit])
+def test_8bit_reaches_the_same_loss_on_a_regression(cls):
+    ref = _regression(lambda p, **kw: torch.optim.AdamW(p, **kw))
+    ours = _regression(cls)
+    assert abs(ours - ref) <= 0.01 * ref + 1e-4, (ours, ref)
+
+
+def _tiny_lm(opt_cls, steps=150):
+    """A small causal character LM (embedding, two QuantLoRA-free MLP layers, head) on a synthetic
+    periodic token stream: a language-model-shaped fine-tune, not a real dataset."""
+    torch.manual_seed(0)
+    vocab, ctx = 32, 16
+    stream = torch.arange(4096) * 7 % vocab
+    model = nn.Sequential(nn.Embedding(vocab, 64), nn.Flatten(), nn.Linear(64 * ctx, 128), nn.GELU(),
+                          nn.Linear(128, vocab))
+    opt = opt_cls(model.parameters(), lr=3e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, 4096 - ctx - 1, (64,), generator=gen)
+        xb = torch.stack([stream[i:i + ctx] for i in idx])
+        yb = torch.stack([stream[i + ctx] for i in idx])
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    xb = torch.stack([stream[i:i + ctx] for i in range(0, 2048, 7)])
+    yb = torch.stack([stream[i + ctx] for i in range(0, 2048, 7)])
+    return nn.functional.cross_entropy(model(xb), yb).item()
+
+
+def test_8bit_reaches_the_same_loss_on_a_small_lm():
+    ref = _tiny_lm(lambda p, **kw: torch.optim.AdamW(p, **kw))
+    ours = _tiny_lm(AdamW8bit)
+    assert abs(ours - ref) <= 0.01 * max(ref, 0.05), (ours, ref)
+
+
+@pytest.mark.parametrize("cls,cls2", [(PagedAdamW, PagedAdamW), (PagedAdamW8bit, AdamW8bit),
+                                      (AdamW8bit, PagedAdamW8bit)])
+def test_state_dict_resumes_bit_identically(cls, cls2):
+    def run(opt, params, steps, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+
+    a = _params()
+    opt_a = cls(a, lr=1e-2)
+    run(opt_a, a, 5, 0)
+    sd = opt_a.state_dict()
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    opt_b = cls2(b, lr=1e-2)
+    opt_b.load_state_dict(sd)
+    run(opt_a, a, 5, 1)
+    run(opt_b, b, 5, 1)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    assert opt_b.state[b[1]]["exp_avg"].dtype == opt_a.state[a[1]]["exp_avg"].dtype
+
+
+def test_state_bytes_per_parameter(capsys):
+    n = 1 << 16
+    sizes = {}
+    for cls in (PagedAdamW, AdamW8bit):
+        p = nn.Parameter(torch.randn(n))
+        opt = cls([p])
+        p.grad = torch.randn(n)
+        opt.step()
+        sizes[cls.__name__] = opt.state_nbytes() / n
+    with capsys.disabled():
+        print(f"\n[optimizer state] bytes per parameter: {sizes}")
+    assert sizes["PagedAdamW"] == 8.0 and sizes["AdamW8bit"] <= 2.02
+
+
+def test_small_tensors_keep_32bit_states():
+    small, big = nn.Parameter(torch.randn(100)), nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([small, big])
+    small.grad, big.grad = torch.randn(100), torch.randn(5000)
+    opt.step()
+    assert opt.state[small]["exp_avg"].dtype == torch.float32 and opt.state[big]["exp_avg"].dtype == torch.uint8
+
+
+def test_page_out_and_back_on_cpu_is_harmless():
+    a = _params()
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    o1, o2 = PagedAdamW(a), PagedAdamW(b)
+    for i in range(4):
+        for p, q in zip(a, b):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.clone()
+        if i == 2:
+            o1.page_out()
+        o1.step()
+        o2.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_opcheck():
+    ps = [torch.randn(300), torch.randn(5000)]
+    args = (ps, [torch.randn_like(p) for p in ps], [torch.zeros(p.numel()) for p in ps],
+            [torch.zeros(p.numel()) for p in ps], 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+    torch.library.opcheck(torch.ops.qlora.adamw_step_.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+class TestBadInput:
+    def test_sparse_gradients(self):
+        p = nn.Parameter(torch.randn(10, 3))
+        opt = PagedAdamW([p])
+        p.grad = torch.randn(10, 3).to_sparse()
+        with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+            opt.step()
+
+    def test_complex_parameters(self):
+        p = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+        opt = AdamW8bit([p])
+        p.grad = torch.randn(4, dtype=torch.complex64)
+        with pytest.raises(TypeError, match="does not support complex parameters"):
+            opt.step()
+
+    @pytest.mark.parametrize("lr", [-1e-3, float("nan")])
+    def test_negative_lr(self, lr):
+        with pytest.raises(ValueError, match="lr must be a number >= 0"):
+            PagedAdamW([nn.Parameter(torch.randn(3))], lr=lr)
+
+    @pytest.mark.parametrize("betas", [(1.0, 0.999), (0.9, -0.1), (0.9, 1.5)])
+    def test_betas_outside_range(self, betas):
+        with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\)"):
+            PagedAdamW8bit([nn.Parameter(torch.randn(3))], betas=betas)
+
+    def test_op_level(self):
+        p = torch.randn(8)
+        with pytest.raises(ValueError, match="beta2 must be in"):
+            torch.ops.qlora.adamw_step_([p], [p], [torch.zeros(8)], [torch.zeros(8)], 1e-3, 0.9, 1.0, 1e-8, 0.0, 1)
+        with pytest.raises(TypeError, match="exp_avgs"):
+            torch.ops.qlora.adamw_step_([p], [p], [torch.zeros(8, dtype=torch.float64)], [torch.zeros(8)], 1e-3, 0.9,
+                                        0.99, 1e-8, 0.0, 1)
+
+
+@pytest.mark.cuda
+def test_cuda_tracks_torch_adamw(cuda_device):
+    test_paged_adamw_tracks_torch_adamw(0.01, device=cuda_device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_8bit_equals_cpu(cuda_device, dtype):
+    cpu = _params(dtype=dtype)
+    gpu = [nn.Parameter(p.detach().to(cuda_device)) for p in cpu]
+    o1, o2 = AdamW8bit(cpu, lr=1e-2), AdamW8bit(gpu, lr=1e-2)
+    for _ in range(10):
+        for p, q in zip(cpu, gpu):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.to(cuda_device)
+        o1.step()
+        o2.step()
+    for p, q in zip(cpu, gpu):
+        assert _rel(q.cpu(), p) < 1e-3
