@@ -182,4 +182,23 @@ inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::Te
   }
 }
 
+// The 8-bit AdamW extras: per-parameter bfloat16 absmax lists (one per 256 values) and the two maps.
+inline void check_adamw8bit_extras(at::TensorList params, at::TensorList absmax_m, at::TensorList absmax_v,
+                                   const at::Tensor& code_m, const at::Tensor& code_v, int64_t block) {
+  TORCH_CHECK_VALUE(absmax_m.size() == params.size() && absmax_v.size() == params.size(),
+                    "absmax_m and absmax_v must have one entry per parameter");
+  for (const at::Tensor* code : {&code_m, &code_v}) {
+    const at::Device device = params.empty() ? code->device() : params[0].device();
+    check_tensor(*code, "code_m/code_v", at::kFloat, device);
+    TORCH_CHECK_VALUE(code->numel() == 256, "code_m and code_v must have 256 entries");
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t blocks = ceil_div(params[i].numel(), block);
+    for (const at::Tensor* a : {&absmax_m[i], &absmax_v[i]}) {
+      check_tensor(*a, "absmax_m/absmax_v", at::kBFloat16, params[i].device());
+      TORCH_CHECK_VALUE(a->numel() == blocks, "absmax of parameter ", i, " must have ", blocks, " entries");
+    }
+  }
+}
+
 }  // namespace qlora

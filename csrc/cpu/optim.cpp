@@ -41,12 +41,7 @@ void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
                         const at::Tensor& code_v, double lr, double beta1, double beta2, double eps,
                         double weight_decay, int64_t step) {
   check_adamw_args(params, grads, qm, qv, at::kByte, lr, beta1, beta2, eps, weight_decay, step);
-  TORCH_CHECK_VALUE(absmax_m.size() == params.size() && absmax_v.size() == params.size(),
-                    "absmax_m and absmax_v must have one entry per parameter");
-  for (const at::Tensor* code : {&code_m, &code_v}) {
-    check_tensor(*code, "code_m/code_v", at::kFloat, code->device());
-    TORCH_CHECK_VALUE(code->numel() == 256, "code_m and code_v must have 256 entries");
-  }
+  check_adamw8bit_extras(params, absmax_m, absmax_v, code_m, code_v, kOptimBlock);
   const AdamWStep s = make_adamw_step(lr, beta1, beta2, eps, weight_decay, step);
   const float* cm = code_m.const_data_ptr<float>();
   const float* cv = code_v.const_data_ptr<float>();
@@ -57,10 +52,6 @@ void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   }
   for (size_t t = 0; t < params.size(); ++t) {
     const int64_t n = params[t].numel(), blocks = ceil_div(n, kOptimBlock);
-    for (const at::Tensor* a : {&absmax_m[t], &absmax_v[t]}) {
-      check_tensor(*a, "absmax_m/absmax_v", at::kBFloat16, params[t].device());
-      TORCH_CHECK_VALUE(a->numel() == blocks, "absmax of parameter ", t, " must have ", blocks, " entries");
-    }
     uint8_t* q_m = qm[t].mutable_data_ptr<uint8_t>();
     uint8_t* q_v = qv[t].mutable_data_ptr<uint8_t>();
     auto* am_m = reinterpret_cast<uint16_t*>(absmax_m[t].mutable_data_ptr<at::BFloat16>());

@@ -71,22 +71,12 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
                          const at::Tensor& code_v, double lr, double beta1, double beta2, double eps,
                          double weight_decay, int64_t step) {
   check_adamw_args(params, grads, qm, qv, at::kByte, lr, beta1, beta2, eps, weight_decay, step);
-  TORCH_CHECK_VALUE(absmax_m.size() == params.size() && absmax_v.size() == params.size(),
-                    "absmax_m and absmax_v must have one entry per parameter");
+  check_adamw8bit_extras(params, absmax_m, absmax_v, code_m, code_v, kOptimBlock);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  for (const at::Tensor* code : {&code_m, &code_v}) {
-    check_tensor(*code, "code_m/code_v", at::kFloat, params[0].device());
-    TORCH_CHECK_VALUE(code->numel() == 256, "code_m and code_v must have 256 entries");
-  }
   std::vector<cuda::AdamWTensor> all;
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "all params must be on one device");
-    const int64_t blocks = ceil_div(params[i].numel(), kOptimBlock);
-    for (const at::Tensor* a : {&absmax_m[i], &absmax_v[i]}) {
-      check_tensor(*a, "absmax_m/absmax_v", at::kBFloat16, params[i].device());
-      TORCH_CHECK_VALUE(a->numel() == blocks, "absmax of parameter ", i, " must have ", blocks, " entries");
-    }
     all.push_back({params[i].mutable_data_ptr(), grads[i].const_data_ptr(), qm[i].mutable_data_ptr(),
                    qv[i].mutable_data_ptr(), reinterpret_cast<uint16_t*>(absmax_m[i].mutable_data_ptr()),
                    reinterpret_cast<uint16_t*>(absmax_v[i].mutable_data_ptr()), params[i].numel()});
