@@ -151,11 +151,11 @@ QLORA_HD float scale_to_unit(float x, float inv) {
 // float32 midpoint (code[j] + code[j+1]) * 0.5f, j = 0..254. A value exactly on a midpoint goes to
 // the even index of the two, NaN to index 0 -- bitsandbytes' CUDA binary search does the same.
 QLORA_HD uint8_t dynamic8_quantize(const float* mids, float x) {
-  int lo = 0, hi = 255;  // lo = number of midpoints strictly below x
-  while (lo < hi) {
-    const int m = (lo + hi) >> 1;
-    if (mids[m] < x) lo = m + 1; else hi = m;
-  }
+  // branch-free lower bound over the 255 sorted midpoints (steps 128 ... 1 never leave the array):
+  // lo = number of midpoints strictly below x
+  int lo = 0;
+#pragma unroll
+  for (int step = 128; step > 0; step >>= 1) lo += (mids[lo + step - 1] < x) ? step : 0;
   const bool odd_tie = lo < 255 && x == mids[lo] && (lo & 1);
   return static_cast<uint8_t>(odd_tie ? lo + 1 : lo);
 }
