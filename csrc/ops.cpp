@@ -45,6 +45,16 @@ TORCH_LIBRARY(qlora, m) {
       "Tensor(d!)[] absmax_m, Tensor(e!)[] absmax_v, Tensor code_m, Tensor code_v, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, int step) -> ()");
 
+  // Optimizer-state buffers that can page out of GPU memory: `numel` zeros of `dtype` on like's
+  // device. CUDA: unified (managed) memory, preferred on the GPU, refused with an error when larger
+  // than the GPU's free memory; CPU: ordinary memory.
+  m.def("paged_zeros(Tensor like, SymInt numel, ScalarType dtype) -> Tensor");
+  // Moves a paged buffer's pages to the GPU (to_device) or to host memory, asynchronously on the
+  // current stream; a no-op for ordinary (non-managed) memory.
+  m.def("paged_prefetch_(Tensor(a!) t, bool to_device) -> ()");
+  // True when t's memory is CUDA unified (managed) memory.
+  m.def("is_paged(Tensor t) -> bool");
+
   // Blockwise dynamic 8-bit quantization to the nearest of 256 sorted `code` values (used for the
   // double quantization of absmax). A: contiguous float32. Returns uint8 codes and float32 absmax.
   m.def("quantize_8bit_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");

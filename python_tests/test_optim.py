@@ -207,3 +207,45 @@ def test_cuda_8bit_equals_cpu(cuda_device, dtype):
         o2.step()
     for p, q in zip(cpu, gpu):
         assert _rel(q.cpu(), p) < 1e-3
+
+
+@pytest.mark.cuda
+def test_cuda_paged_states_live_in_managed_memory(cuda_device):
+    p = nn.Parameter(torch.randn(1 << 20, device=cuda_device))
+    p.grad = torch.randn_like(p)
+    opt = PagedAdamW([p])
+    before = torch.cuda.memory_allocated()
+    opt.step()
+    state = opt.state[p]
+    assert all(torch.ops.qlora.is_paged(state[k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert torch.cuda.memory_allocated() - before < 8 << 20  # the 8 MiB of states are not allocator memory
+    free, _ = torch.cuda.mem_get_info()
+    with pytest.raises(ValueError, match="refusing to allocate"):  # refused before any cudaMallocManaged
+        torch.ops.qlora.paged_zeros(p, free // 4 + 1, torch.float32)
+
+
+@pytest.mark.cuda
+def test_cuda_page_out_makes_room_for_a_spike(cuda_device):
+    """States take a share of free memory; after page_out a spike that needs most of the free memory
+    (more than is left with the states resident) succeeds; the next step still matches a reference.
+    Sized from cudaMemGetInfo, never asking for more managed memory than is free."""
+    free, _ = torch.cuda.mem_get_info()
+    state_bytes = min(free // 4, 4 << 30)
+    n = state_bytes // 8  # two float32 states per parameter
+    p = nn.Parameter(torch.randn(n, device=cuda_device))
+    q = nn.Parameter(p.detach().cpu().clone())
+    opt, ref = PagedAdamW([p], page_out_below=0.0), torch.optim.AdamW([q])
+    g = torch.randn(n)
+    p.grad, q.grad = g.to(cuda_device), g.clone()
+    opt.step()
+    ref.step()
+    opt.page_out()
+    torch.cuda.synchronize()
+    free_now, _ = torch.cuda.mem_get_info()
+    spike = torch.empty(free_now - (256 << 20), dtype=torch.uint8, device=cuda_device)  # would not fit before
+    assert spike.numel() > free - state_bytes - n * 8  # larger than what was left with the states resident
+    del spike
+    torch.cuda.empty_cache()
+    opt.step()
+    ref.step()
+    assert _rel(p.detach().cpu(), q.detach()) <= 1e-6

@@ -144,3 +144,15 @@ def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps
 def _adamw8bit_step_fake(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, code_m, code_v, lr, beta1,
                          beta2, eps, weight_decay, step):
     return None
+
+
+# ---- paged buffers ----------------------------------------------------------------------------------
+
+@torch.library.register_fake("qlora::paged_zeros")
+def _paged_zeros_fake(like, numel, dtype):
+    return like.new_empty((numel,), dtype=dtype)
+
+
+@torch.library.register_fake("qlora::paged_prefetch_")
+def _paged_prefetch_fake(t, to_device):
+    return None

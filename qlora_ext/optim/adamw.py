@@ -24,7 +24,8 @@ class _AdamWBase(torch.optim.Optimizer):
     _paged = False
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = 4096) -> None:
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = 4096,
+                 page_out_below: float = 0.05) -> None:
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"lr must be a number >= 0, got {lr!r}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -34,7 +35,10 @@ class _AdamWBase(torch.optim.Optimizer):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        if not 0.0 <= page_out_below < 1.0:
+            raise ValueError(f"page_out_below must be a fraction in [0, 1), got {page_out_below}")
         self.min_8bit_size = min_8bit_size
+        self.page_out_below = page_out_below
         self._stash: dict | None = None
         self.register_load_state_dict_pre_hook(_stash_states)
         self.register_load_state_dict_post_hook(_restore_states)
@@ -44,15 +48,13 @@ class _AdamWBase(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
         state["step"] = 0
+        zeros = lambda dtype, n=None: paged.state_zeros(p, dtype, n, paged=self._paged)  # noqa: E731
         if self._uses_8bit(p):
             blocks = -(-p.numel() // _BLOCK)
-            state["exp_avg"] = paged.state_zeros(p, torch.uint8)
-            state["exp_avg_sq"] = paged.state_zeros(p, torch.uint8)
-            state["absmax_m"] = paged.state_zeros(p, torch.bfloat16, blocks)
-            state["absmax_v"] = paged.state_zeros(p, torch.bfloat16, blocks)
+            state["exp_avg"], state["exp_avg_sq"] = zeros(torch.uint8), zeros(torch.uint8)
+            state["absmax_m"], state["absmax_v"] = zeros(torch.bfloat16, blocks), zeros(torch.bfloat16, blocks)
         else:
-            state["exp_avg"] = paged.state_zeros(p, torch.float32)
-            state["exp_avg_sq"] = paged.state_zeros(p, torch.float32)
+            state["exp_avg"], state["exp_avg_sq"] = zeros(torch.float32), zeros(torch.float32)
 
     def _check_param(self, p: torch.Tensor) -> None:
         if p.grad.is_sparse:
@@ -82,10 +84,10 @@ class _AdamWBase(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
-                elif self._paged:
-                    for k, v in state.items():
+                elif self._paged:  # bring paged-out states back before the update (async, in order)
+                    for v in state.values():
                         if isinstance(v, torch.Tensor):
-                            state[k] = paged.page_in(v, p.device)
+                            paged.page_in(v)
                 state["step"] += 1
                 buckets[(self._uses_8bit(p), state["step"], p.device)].append(p)
             for (eight, step, device), ps in buckets.items():
@@ -100,17 +102,20 @@ class _AdamWBase(torch.optim.Optimizer):
                 else:
                     torch.ops.qlora.adamw_step_(ps, grads, [s["exp_avg"] for s in st],
                                                 [s["exp_avg_sq"] for s in st], *hyper)
+        if self._paged and torch.cuda.is_available() and self.page_out_below > 0:
+            free, total = torch.cuda.mem_get_info()
+            if free < self.page_out_below * total:
+                self.page_out()
         return loss
 
     def page_out(self) -> None:
-        """Moves every state tensor to host memory (back to the parameter's device at the next step),
-        so GPU memory is free for an allocation spike. A no-op for the non-paged optimizers."""
-        if not self._paged:
-            return
+        """Starts evicting every paged state to host memory (they come back before the next step), so
+        GPU memory is free for an allocation spike. Also done automatically after a step when free GPU
+        memory is under ``page_out_below`` of the total. A no-op for non-paged states."""
         for state in self.state.values():
-            for k, v in state.items():
+            for v in state.values():
                 if isinstance(v, torch.Tensor):
-                    state[k] = paged.page_out(v)
+                    paged.page_out(v)
 
     def state_nbytes(self) -> int:
         """Bytes of optimizer state held now (all parameters)."""
@@ -131,15 +136,17 @@ def _restore_states(optimizer: _AdamWBase) -> None:
     if stash is None:
         return
     params = itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    move = (lambda v, d: paged.to_paged(v, d)) if optimizer._paged else (lambda v, d: v.to(d))
     for saved_id, p in zip(stash["__ids__"], params):
         if saved_id in stash:
-            optimizer.state[p] = {k: (v.to(p.device) if isinstance(v, torch.Tensor) else v)
+            optimizer.state[p] = {k: (move(v, p.device) if isinstance(v, torch.Tensor) else v)
                                   for k, v in stash[saved_id].items()}
 
 
 class PagedAdamW(_AdamWBase):
-    """AdamW with float32 states (8 bytes per parameter) that can be paged out of GPU memory
-    (:meth:`page_out`). Arguments as ``torch.optim.AdamW`` (``lr, betas, eps, weight_decay``)."""
+    """AdamW with float32 states (8 bytes per parameter) in CUDA unified memory, which can be paged out
+    of GPU memory (:meth:`page_out`, or automatically below ``page_out_below`` free). Arguments as
+    ``torch.optim.AdamW`` (``lr, betas, eps, weight_decay``)."""
 
     _bits, _paged = 32, True
 

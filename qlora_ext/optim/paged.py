@@ -1,31 +1,46 @@
-"""Buffers for optimizer states that can page out of GPU memory.
+"""Buffers for optimizer states that can page out of GPU memory (the ops in csrc/cuda/paged.cpp).
 
-On CUDA, states should live in unified (managed) memory that is prefetched to the GPU before an update
-and evicted to host RAM on ``page_out()``. That C++/CUDA allocator is not built yet (see the issue):
-here the CUDA path allocates ordinary device memory and ``page_out`` moves states to pinned host
-memory and back, which is what a paged allocator does by hand. Without CUDA, states are ordinary host
-memory and paging is a no-op.
+On CUDA a paged buffer is unified (managed) memory: it lives on the GPU while in use, is prefetched
+there before each optimizer step, and can be evicted to host RAM (``page_out``) so that GPU memory is
+free for an activation spike; ``torch.cuda.memory_allocated()`` never counts it. Allocation is refused,
+with an error, when it would exceed the GPU's free memory. Without CUDA the buffers are ordinary host
+memory and paging does nothing.
 """
 from __future__ import annotations
 
 import torch
 
 
-def state_zeros(like: torch.Tensor, dtype: torch.dtype, numel: int | None = None) -> torch.Tensor:
-    """A zero-filled state buffer on ``like``'s device (``numel`` elements, default like's)."""
+def state_zeros(like: torch.Tensor, dtype: torch.dtype, numel: int | None = None, paged: bool = False
+                ) -> torch.Tensor:
+    """``numel`` (default: like's) zeros of ``dtype`` on like's device; in managed memory when ``paged``
+    and on CUDA."""
     n = like.numel() if numel is None else numel
+    if paged and like.is_cuda:
+        return torch.ops.qlora.paged_zeros(like, n, dtype)
     return torch.zeros(n, dtype=dtype, device=like.device)
 
 
-def page_out(t: torch.Tensor) -> torch.Tensor:
-    """The state moved to (pinned, when CUDA is there) host memory."""
-    if t.device.type == "cpu":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
+def to_paged(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A paged copy of ``t`` on ``device`` (CUDA), or ``t`` moved there otherwise."""
+    if device.type != "cuda":
+        return t.to(device)
+    out = torch.ops.qlora.paged_zeros(torch.empty(0, device=device), t.numel(), t.dtype)
+    out.copy_(t.reshape(-1))
+    return out.view(t.shape)
 
 
-def page_in(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The state moved back to ``device`` (no copy when it is already there)."""
-    return t if t.device == device else t.to(device, non_blocking=True)
+def is_paged(t: torch.Tensor) -> bool:
+    return t.is_cuda and bool(torch.ops.qlora.is_paged(t))
+
+
+def page_out(t: torch.Tensor) -> None:
+    """Starts moving a paged buffer's pages to host memory (current stream); no-op otherwise."""
+    if t.is_cuda:
+        torch.ops.qlora.paged_prefetch_(t, False)
+
+
+def page_in(t: torch.Tensor) -> None:
+    """Starts moving a paged buffer's pages back to its GPU (current stream); no-op otherwise."""
+    if t.is_cuda:
+        torch.ops.qlora.paged_prefetch_(t, True)
