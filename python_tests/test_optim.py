@@ -58,11 +58,16 @@ def test_8bit_reaches_the_same_loss_on_a_regression(cls):
 
 
 def _tiny_lm(opt_cls, steps=150):
-    """A small causal character LM (embedding, two QuantLoRA-free MLP layers, head) on a synthetic
-    periodic token stream: a language-model-shaped fine-tune, not a real dataset."""
+    """A small next-token model (embedding, MLP, head) on a synthetic token stream whose next token is
+    (7 * previous + noise) mod 32 with noise uniform in 0..3, so the loss stays well above zero (the
+    16-token context lets it memorise part of the 4096-token stream below ln 4) and final losses are
+    comparable. Language-model shaped; not a real dataset."""
     torch.manual_seed(0)
     vocab, ctx = 32, 16
-    stream = torch.arange(4096) * 7 % vocab
+    noise = torch.randint(0, 4, (4096,), generator=torch.Generator().manual_seed(2))
+    stream = torch.zeros(4096, dtype=torch.long)
+    for i in range(1, 4096):
+        stream[i] = (7 * stream[i - 1] + noise[i]) % vocab
     model = nn.Sequential(nn.Embedding(vocab, 64), nn.Flatten(), nn.Linear(64 * ctx, 128), nn.GELU(),
                           nn.Linear(128, vocab))
     opt = opt_cls(model.parameters(), lr=3e-3, weight_decay=0.01)
@@ -83,7 +88,8 @@ def _tiny_lm(opt_cls, steps=150):
 def test_8bit_reaches_the_same_loss_on_a_small_lm():
     ref = _tiny_lm(lambda p, **kw: torch.optim.AdamW(p, **kw))
     ours = _tiny_lm(AdamW8bit)
-    assert abs(ours - ref) <= 0.01 * max(ref, 0.05), (ours, ref)
+    assert 0.2 < ref < 2.5  # trained, yet far from zero
+    assert abs(ours - ref) <= 0.01 * ref, (ours, ref)
 
 
 @pytest.mark.parametrize("cls,cls2", [(PagedAdamW, PagedAdamW), (PagedAdamW8bit, AdamW8bit),
