@@ -51,7 +51,7 @@ def main() -> None:
                      if isinstance(v, torch.Tensor) and v.dim() > 0)
         base = base or t
         rows.append(dict(device=torch.cuda.get_device_name() if cuda else "cpu", params=total, optimizer=name,
-                         ms=t * 1e3, vs_torch=t / base, state_bytes_per_param=nbytes / total))
+                         ms=t * 1e3, vs_torch=t / base, state_bytes_per_param=nbytes / (per * 100)))
         del params, opt
         if cuda:
             torch.cuda.empty_cache()

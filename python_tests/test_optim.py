@@ -114,6 +114,35 @@ def test_state_dict_resumes_bit_identically(cls, cls2):
     for p, q in zip(a, b):
         assert torch.equal(p, q)
     assert opt_b.state[b[1]]["exp_avg"].dtype == opt_a.state[a[1]]["exp_avg"].dtype
+    assert opt_b.state[b[1]]["exp_avg"].data_ptr() != opt_a.state[a[1]]["exp_avg"].data_ptr()  # copied
+
+
+def test_deepcopy_keeps_settings_and_state_kinds():
+    import copy
+
+    p = nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([p], min_8bit_size=1000)
+    p.grad = torch.randn(5000)
+    opt.step()
+    clone = copy.deepcopy(opt)
+    assert clone.min_8bit_size == 1000
+    clone.load_state_dict(opt.state_dict())
+    assert next(iter(clone.state.values()))["exp_avg"].dtype == torch.uint8
+
+
+def test_failed_step_moves_no_step_count():
+    good, bad = nn.Parameter(torch.randn(10)), nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    opt = PagedAdamW([good, bad])
+    good.grad, bad.grad = torch.randn(10), torch.randn(4, dtype=torch.complex64)
+    with pytest.raises(TypeError):
+        opt.step()
+    assert not opt.state  # nothing initialised, nothing counted
+    bad.grad = None
+    opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], "lr": -1.0})
+    opt.param_groups[1]["params"][0].grad = torch.randn(3)
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.step()
+    assert not opt.state
 
 
 def test_state_bytes_per_parameter(capsys):
@@ -155,9 +184,21 @@ def test_page_out_and_back_on_cpu_is_harmless():
 
 def test_opcheck():
     ps = [torch.randn(300), torch.randn(5000)]
-    args = (ps, [torch.randn_like(p) for p in ps], [torch.zeros(p.numel()) for p in ps],
-            [torch.zeros(p.numel()) for p in ps], 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
-    torch.library.opcheck(torch.ops.qlora.adamw_step_.default, args, test_utils=("test_schema", "test_faketensor"))
+    grads = [torch.randn_like(p) for p in ps]
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.qlora.adamw_step_.default,
+                          (ps, grads, [torch.zeros(p.numel()) for p in ps], [torch.zeros(p.numel()) for p in ps],
+                           *hyper), test_utils=utils)
+    from qlora_ext.codes import dynamic_map
+    blocks = [-(-p.numel() // 256) for p in ps]
+    torch.library.opcheck(torch.ops.qlora.adamw8bit_step_.default,
+                          (ps, grads, [torch.zeros(p.numel(), dtype=torch.uint8) for p in ps],
+                           [torch.zeros(p.numel(), dtype=torch.uint8) for p in ps],
+                           [torch.zeros(b, dtype=torch.bfloat16) for b in blocks],
+                           [torch.zeros(b, dtype=torch.bfloat16) for b in blocks], dynamic_map(),
+                           dynamic_map(signed=False), *hyper), test_utils=utils)
+    torch.library.opcheck(torch.ops.qlora.paged_zeros.default, (ps[0], 17, torch.float32))
 
 
 class TestBadInput:
@@ -227,7 +268,7 @@ def test_cuda_paged_states_live_in_managed_memory(cuda_device):
     assert torch.cuda.memory_allocated() - before < 8 << 20  # the 8 MiB of states are not allocator memory
     free, _ = torch.cuda.mem_get_info()
     with pytest.raises(ValueError, match="refusing to allocate"):  # refused before any cudaMallocManaged
-        torch.ops.qlora.paged_zeros(p, free // 4 + 1, torch.float32)
+        torch.ops.qlora.paged_zeros(p, free // 2, torch.float32)  # twice the free memory
 
 
 @pytest.mark.cuda
@@ -236,7 +277,7 @@ def test_cuda_page_out_makes_room_for_a_spike(cuda_device):
     (more than is left with the states resident) succeeds; the next step still matches a reference.
     Sized from cudaMemGetInfo, never asking for more managed memory than is free."""
     free, _ = torch.cuda.mem_get_info()
-    state_bytes = min(free // 4, 4 << 30)
+    state_bytes = min(free // 4, 1 << 30)
     n = state_bytes // 8  # two float32 states per parameter
     p = nn.Parameter(torch.randn(n, device=cuda_device))
     q = nn.Parameter(p.detach().cpu().clone())

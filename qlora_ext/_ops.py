@@ -156,3 +156,8 @@ def _paged_zeros_fake(like, numel, dtype):
 @torch.library.register_fake("qlora::paged_prefetch_")
 def _paged_prefetch_fake(t, to_device):
     return None
+
+
+@torch.library.register_fake("qlora::is_paged")
+def _is_paged_fake(t):
+    return False

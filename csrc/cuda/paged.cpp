@@ -7,10 +7,37 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <unordered_map>
 
 namespace qlora {
 namespace {
+
+// Managed buffers now paged out to the host, with their sizes: they come back at the next page-in,
+// so they count as taken when a new allocation is checked against free memory.
+std::mutex g_mutex;
+std::unordered_map<const void*, int64_t> g_paged_out;
+int64_t g_paged_out_bytes = 0;
+
+void mark_paged_out(const void* base, int64_t bytes, bool out) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const auto it = g_paged_out.find(base);
+  if (out && it == g_paged_out.end()) {
+    g_paged_out.emplace(base, bytes);
+    g_paged_out_bytes += bytes;
+  } else if (!out && it != g_paged_out.end()) {
+    g_paged_out_bytes -= it->second;
+    g_paged_out.erase(it);
+  }
+}
+
+int64_t paged_out_bytes() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_paged_out_bytes;
+}
 
 #if CUDART_VERSION >= 13000
 cudaMemLocation location(int device) {  // device < 0: the host
@@ -30,19 +57,31 @@ at::Tensor paged_zeros_cuda(const at::Tensor& like, int64_t numel, at::ScalarTyp
   TORCH_CHECK_VALUE(numel >= 0, "numel must be >= 0, got ", numel);
   const c10::cuda::CUDAGuard guard(like.device());
   const int device = like.device().index();
-  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  uint64_t bytes64 = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(static_cast<uint64_t>(numel), static_cast<uint64_t>(c10::elementSize(dtype)),
+                                        &bytes64),
+                    "numel ", numel, " is too large");
+  const size_t bytes = static_cast<size_t>(bytes64);
   size_t free_bytes = 0, total_bytes = 0;
   C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  TORCH_CHECK_VALUE(bytes < free_bytes, "refusing to allocate ", bytes, " bytes of managed memory: the GPU has ",
-                    free_bytes, " bytes free (asking for more can hang the GPU)");
+  const int64_t out = paged_out_bytes();
+  TORCH_CHECK_VALUE(bytes + static_cast<size_t>(out) < free_bytes, "refusing to allocate ", bytes,
+                    " bytes of managed memory: the GPU has ", free_bytes, " bytes free and ", out,
+                    " bytes of paged-out states will come back (asking for more can hang the GPU)");
   void* ptr = nullptr;
   C10_CUDA_CHECK(cudaMallocManaged(&ptr, std::max<size_t>(bytes, 1), cudaMemAttachGlobal));
   C10_CUDA_CHECK(cudaMemAdvise(ptr, std::max<size_t>(bytes, 1), cudaMemAdviseSetPreferredLocation, QLORA_LOC(device)));
   C10_CUDA_CHECK(cudaMemAdvise(ptr, std::max<size_t>(bytes, 1), cudaMemAdviseSetAccessedBy, QLORA_LOC(device)));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream));
+  // wait for the pages to be resident, so the next allocation's check sees them as taken
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
   return at::from_blob(
-      ptr, {numel}, [](void* p) { C10_CUDA_CHECK_WARN(cudaFree(p)); },
+      ptr, {numel},
+      [](void* p) {
+        mark_paged_out(p, 0, /*out=*/false);
+        C10_CUDA_CHECK_WARN(cudaFree(p));
+      },
       at::TensorOptions().dtype(dtype).device(like.device()));
 }
 
@@ -55,11 +94,20 @@ bool is_paged_cuda(const at::Tensor& t) {
   return attrs.type == cudaMemoryTypeManaged;
 }
 
+// Page-out and page-in of one whole buffer (its storage, whatever view `t` is). A page-in only
+// prefetches when the GPU has room; otherwise the pages come back on demand as kernels touch them.
 void paged_prefetch_cuda(const at::Tensor& t, bool to_device) {
   if (!is_paged_cuda(t)) return;
   const c10::cuda::CUDAGuard guard(t.device());
-  const size_t bytes = t.numel() * t.element_size();
-  C10_CUDA_CHECK(QLORA_PREFETCH(t.const_data_ptr(), bytes, to_device ? t.device().index() : -1,
+  const void* base = t.storage().data();
+  const int64_t bytes = static_cast<int64_t>(t.storage().nbytes());
+  if (to_device) {
+    size_t free_bytes = 0, total_bytes = 0;
+    C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    if (static_cast<size_t>(bytes) >= free_bytes) return;
+  }
+  mark_paged_out(base, bytes, !to_device);
+  C10_CUDA_CHECK(QLORA_PREFETCH(base, static_cast<size_t>(bytes), to_device ? t.device().index() : -1,
                                 c10::cuda::getCurrentCUDAStream()));
 }
 

@@ -25,7 +25,7 @@ class _AdamWBase(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = 4096,
-                 page_out_below: float = 0.05) -> None:
+                 page_out_below: float = 0.0) -> None:
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"lr must be a number >= 0, got {lr!r}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -34,14 +34,30 @@ class _AdamWBase(torch.optim.Optimizer):
             raise ValueError(f"eps must be >= 0, got {eps}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         if not 0.0 <= page_out_below < 1.0:
             raise ValueError(f"page_out_below must be a fraction in [0, 1), got {page_out_below}")
-        self.min_8bit_size = min_8bit_size
-        self.page_out_below = page_out_below
+        # the optimizer's own settings live in `defaults`: they survive pickling and deepcopy
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      min_8bit_size=min_8bit_size, page_out_below=page_out_below))
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
         self._stash: dict | None = None
         self.register_load_state_dict_pre_hook(_stash_states)
         self.register_load_state_dict_post_hook(_restore_states)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # (load_state_dict calls this too, between our two hooks)
+        if "_stash" not in self.__dict__:  # unpickled or deep-copied: the hooks did not come along
+            self._register_hooks()
+
+    @property
+    def min_8bit_size(self) -> int:
+        return self.defaults["min_8bit_size"]
+
+    @property
+    def page_out_below(self) -> float:
+        return self.defaults["page_out_below"]
 
     def _uses_8bit(self, p: torch.Tensor) -> bool:
         return self._bits == 8 and p.numel() >= self.min_8bit_size
@@ -69,18 +85,24 @@ class _AdamWBase(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW step over every parameter with a gradient: one fused call per (state kind, step
-        count, device) bucket."""
+        count, device) bucket. Everything is checked before anything changes, and step counts move only
+        once the update has run."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for group in self.param_groups:
+            _check_hyper(group)
+            ps = [p for p in group["params"] if p.grad is not None]
+            for p in ps:
+                self._check_param(p)
+            work.append((group, ps))
+        paged_cuda = False
+        for group, ps in work:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             buckets: dict[tuple, list] = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self._check_param(p)
+            for p in ps:
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
@@ -88,30 +110,33 @@ class _AdamWBase(torch.optim.Optimizer):
                     for v in state.values():
                         if isinstance(v, torch.Tensor):
                             paged.page_in(v)
-                state["step"] += 1
-                buckets[(self._uses_8bit(p), state["step"], p.device)].append(p)
-            for (eight, step, device), ps in buckets.items():
-                grads = [p.grad.contiguous() if p.grad.dtype == p.dtype else p.grad.to(p.dtype) for p in ps]
-                st = [self.state[p] for p in ps]
+                paged_cuda |= self._paged and p.is_cuda
+                eight = state["exp_avg"].dtype == torch.uint8  # the stored kind, whatever the settings
+                buckets[(eight, state["step"] + 1, p.device)].append(p)
+            for (eight, step, device), bucket in buckets.items():
+                grads = [p.grad.to(p.dtype, memory_format=torch.contiguous_format) for p in bucket]
+                st = [self.state[p] for p in bucket]
                 hyper = (lr, beta1, beta2, eps, wd, step)
                 if eight:
                     torch.ops.qlora.adamw8bit_step_(
-                        ps, grads, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
-                        [s["absmax_m"] for s in st], [s["absmax_v"] for s in st], dynamic_map(device),
-                        dynamic_map(device, signed=False), *hyper)
+                        bucket, grads, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+                        [s["absmax_m"] for s in st], [s["absmax_v"] for s in st], *_maps(device), *hyper)
                 else:
-                    torch.ops.qlora.adamw_step_(ps, grads, [s["exp_avg"] for s in st],
+                    torch.ops.qlora.adamw_step_(bucket, grads, [s["exp_avg"] for s in st],
                                                 [s["exp_avg_sq"] for s in st], *hyper)
-        if self._paged and torch.cuda.is_available() and self.page_out_below > 0:
+                for s in st:
+                    s["step"] = step
+        if paged_cuda and self.page_out_below > 0:
             free, total = torch.cuda.mem_get_info()
+            free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # the allocator's cache is free
             if free < self.page_out_below * total:
                 self.page_out()
         return loss
 
     def page_out(self) -> None:
-        """Starts evicting every paged state to host memory (they come back before the next step), so
-        GPU memory is free for an allocation spike. Also done automatically after a step when free GPU
-        memory is under ``page_out_below`` of the total. A no-op for non-paged states."""
+        """Starts evicting every paged state to host memory (they come back before the next step, when
+        the GPU has room for them), so GPU memory is free for an allocation spike. A no-op for
+        non-paged states."""
         for state in self.state.values():
             for v in state.values():
                 if isinstance(v, torch.Tensor):
@@ -123,30 +148,54 @@ class _AdamWBase(torch.optim.Optimizer):
                    if isinstance(v, torch.Tensor))
 
 
-def _stash_states(optimizer: _AdamWBase, state_dict: dict) -> None:
-    # torch's load_state_dict casts floating states to the parameter's dtype (uint8 codes and float32
-    # moments too): keep the originals and put them back, on the parameter's device, afterwards.
+_MAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed and unsigned dynamic maps on ``device``, built once."""
+    if device not in _MAPS:
+        _MAPS[device] = (dynamic_map(device), dynamic_map(device, signed=False))
+    return _MAPS[device]
+
+
+def _check_hyper(group: dict) -> None:
+    lr, betas = group["lr"], group["betas"]
+    if not (isinstance(lr, (int, float)) and lr >= 0):
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if group["eps"] < 0 or group["weight_decay"] < 0:
+        raise ValueError(f"eps and weight_decay must be >= 0, got {group['eps']} and {group['weight_decay']}")
+
+
+def _stash_states(optimizer: _AdamWBase, state_dict: dict) -> dict:
+    # torch's load_state_dict casts every state tensor to its parameter's dtype (uint8 codes and float32
+    # moments too). Hand it no states; keep references to the originals and place them afterwards.
     saved_ids = list(itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
-    optimizer._stash = {i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-                        for i, s in state_dict["state"].items()} | {"__ids__": saved_ids}
+    optimizer._stash = dict(state_dict["state"]) | {"__ids__": saved_ids}
+    return {**state_dict, "state": {}}
 
 
 def _restore_states(optimizer: _AdamWBase) -> None:
     stash, optimizer._stash = optimizer._stash, None
     if stash is None:
         return
+    optimizer.state.clear()
     params = itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)
-    move = (lambda v, d: paged.to_paged(v, d)) if optimizer._paged else (lambda v, d: v.to(d))
+    move = (lambda v, d: paged.to_paged(v, d)) if optimizer._paged else (lambda v, d: v.to(d, copy=True))
     for saved_id, p in zip(stash["__ids__"], params):
         if saved_id in stash:
             optimizer.state[p] = {k: (move(v, p.device) if isinstance(v, torch.Tensor) else v)
                                   for k, v in stash[saved_id].items()}
+            if isinstance(optimizer.state[p].get("step"), torch.Tensor):
+                optimizer.state[p]["step"] = int(optimizer.state[p]["step"].item())
 
 
 class PagedAdamW(_AdamWBase):
     """AdamW with float32 states (8 bytes per parameter) in CUDA unified memory, which can be paged out
-    of GPU memory (:meth:`page_out`, or automatically below ``page_out_below`` free). Arguments as
-    ``torch.optim.AdamW`` (``lr, betas, eps, weight_decay``)."""
+    of GPU memory (:meth:`page_out`; or after each step while free GPU memory, the caching allocator's
+    unused reserve counted as free, is under ``page_out_below`` of the total — off by default).
+    Arguments as ``torch.optim.AdamW`` (``lr, betas, eps, weight_decay``)."""
 
     _bits, _paged = 32, True
 

@@ -22,9 +22,10 @@ def state_zeros(like: torch.Tensor, dtype: torch.dtype, numel: int | None = None
 
 
 def to_paged(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A paged copy of ``t`` on ``device`` (CUDA), or ``t`` moved there otherwise."""
+    """A paged copy of ``t`` on ``device`` (CUDA), or an ordinary copy there otherwise (always a copy:
+    the caller's tensor is never shared)."""
     if device.type != "cuda":
-        return t.to(device)
+        return t.to(device, copy=True)
     out = torch.ops.qlora.paged_zeros(torch.empty(0, device=device), t.numel(), t.dtype)
     out.copy_(t.reshape(-1))
     return out.view(t.shape)
