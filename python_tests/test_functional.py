@@ -138,3 +138,19 @@ def test_cpu_simd_and_scalar_dequantize_agree(dtype, monkeypatch):
         scalar = dequantize_4bit(packed, state)
         monkeypatch.delenv("QLORA_EXT_DISABLE_AVX2")
         assert torch.equal(simd, scalar)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_quantize_exact_on_midpoints_and_edges(signed):
+    """The CPU's table-assisted nearest-code search against the reference on the hardest inputs:
+    every midpoint exactly (ties), its neighbours one ulp away, the ends, zero."""
+    code = dynamic_map(signed=signed)
+    mids = (code[:-1] + code[1:]) * 0.5
+    vals = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                      code, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])])
+    vals = vals[vals.abs() <= 1.0]
+    blocks = [torch.cat([torch.tensor([1.0]), chunk]) for chunk in vals.split(255)]  # absmax 1: x scales to x
+    x = torch.cat([torch.nn.functional.pad(b, (0, 256 - b.numel())) for b in blocks])
+    q, absmax = torch.ops.qlora.quantize_8bit_blockwise(x, code, 256)
+    q_ref, absmax_ref = ref.quantize_8bit_blockwise(x, code, 256)
+    assert torch.equal(absmax, absmax_ref) and torch.equal(q, q_ref)

@@ -10,6 +10,7 @@
 #include "common/adamw.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/dynamic8_table.h"
 
 namespace qlora {
 namespace {
@@ -45,11 +46,7 @@ void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   const AdamWStep s = make_adamw_step(lr, beta1, beta2, eps, weight_decay, step);
   const float* cm = code_m.const_data_ptr<float>();
   const float* cv = code_v.const_data_ptr<float>();
-  std::vector<float> mids_m(255), mids_v(255);
-  for (int j = 0; j < 255; ++j) {
-    mids_m[j] = dynamic8_midpoint(cm, j);
-    mids_v[j] = dynamic8_midpoint(cv, j);
-  }
+  const Dynamic8Table table_m(cm), table_v(cv);
   for (size_t t = 0; t < params.size(); ++t) {
     const int64_t n = params[t].numel(), blocks = ceil_div(n, kOptimBlock);
     uint8_t* q_m = qm[t].mutable_data_ptr<uint8_t>();
@@ -80,8 +77,8 @@ void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
           const float inv_m = inv_absmax(bf16_bits_to_float(am_m[b]));
           const float inv_v = inv_absmax(bf16_bits_to_float(am_v[b]));
           for (int64_t i = 0; i < len; ++i) {
-            q_m[start + i] = dynamic8_quantize(mids_m.data(), scale_to_unit(m[i], inv_m));
-            q_v[start + i] = dynamic8_quantize(mids_v.data(), scale_to_unit(v[i], inv_v));
+            q_m[start + i] = table_m.quantize(scale_to_unit(m[i], inv_m));
+            q_v[start + i] = table_v.quantize(scale_to_unit(v[i], inv_v));
           }
         }
       });

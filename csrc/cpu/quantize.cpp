@@ -9,6 +9,7 @@
 #include "common/checks.h"
 #include "common/codes.h"
 #include "common/dispatch.h"
+#include "cpu/dynamic8_table.h"
 
 namespace qlora {
 namespace {
@@ -73,9 +74,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cpu(const at::Tensor&
   const int64_t n = A.numel(), blocks = ceil_div(n, blocksize);
   auto q = at::empty({n}, A.options().dtype(at::kByte));
   auto absmax = at::empty({blocks}, A.options());
-  const float* c = code.const_data_ptr<float>();
-  std::vector<float> mids(255);
-  for (int j = 0; j < 255; ++j) mids[j] = dynamic8_midpoint(c, j);
+  const Dynamic8Table table(code.const_data_ptr<float>());
   const float* a = A.const_data_ptr<float>();
   uint8_t* qo = q.mutable_data_ptr<uint8_t>();
   float* am = absmax.mutable_data_ptr<float>();
@@ -85,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit_blockwise_cpu(const at::Tensor&
       const float amax = block_absmax(a + start, len);
       am[b] = amax;
       const float inv = inv_absmax(amax);
-      for (int64_t i = 0; i < len; ++i) qo[start + i] = dynamic8_quantize(mids.data(), scale_to_unit(a[start + i], inv));
+      for (int64_t i = 0; i < len; ++i) qo[start + i] = table.quantize(scale_to_unit(a[start + i], inv));
     }
   });
   return {q, absmax};
