@@ -54,5 +54,5 @@ QLORA_EXT_GEMV=1 python3 -m pytest python_tests/test_linear_4bit.py python_tests
   -rfE -p no:cacheprovider 2>&1 | tee -a "$OUT_DIR/pytest.log" | tail -8
 QLORA_EXT_GEMV=1 python3 bench/linear_speed.py --json "$OUT_DIR/linear_speed_gemv.json" 2>&1 | grep -E "decode|kernels" \
   | tee -a "$OUT_DIR/linear_speed.txt"
-python3 bench/optim_speed.py --json "$OUT_DIR/optim_speed.json" 2>&1 | tail -5
+python3 bench/optim_speed.py 2>&1 | tee -a "$OUT_DIR/linear_speed.txt" | tail -5  # (8 files come back at most)
 python3 bench/quant_speed.py --json "$OUT_DIR/quant_speed.json" 2>&1 | tee "$OUT_DIR/quant_speed.txt"
