@@ -75,17 +75,7 @@ def cuda_time(fns: Sequence[Callable[[], object]], inner: int = 10, reps: int = 
                     f()
 
         method = "eager"
-    run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return statistics.median(times), method
+    return event_time(run, reps=reps, warmup=1) / calls, method
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> dict[str, float]:
@@ -97,15 +87,7 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> dict[str, float]:
         "memcpy_graph": 2 * nbytes / cuda_time([lambda: dst.copy_(src)], inner=5, reps=10)[0],
         "kernel_graph": 2 * nbytes / cuda_time([lambda: torch.mul(src, 1.0, out=dst)], inner=5, reps=10)[0],
     }
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    out["memcpy_eager"] = 2 * nbytes / statistics.median(times)
+    out["memcpy_eager"] = 2 * nbytes / event_time(lambda: dst.copy_(src), reps=10)
     out["best"] = max(out.values())
     return out
 
