@@ -22,6 +22,7 @@ class _AdamWBase(torch.optim.Optimizer):
 
     _bits = 32
     _paged = False
+    _paged_out = False  # set by page_out(), cleared by the next step (which prefetches the states back)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = 4096,
@@ -106,7 +107,7 @@ class _AdamWBase(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
-                elif self._paged:  # bring paged-out states back before the update (async, in order)
+                elif self._paged and self._paged_out:  # bring them back before the update (async, in order)
                     for v in state.values():
                         if isinstance(v, torch.Tensor):
                             paged.page_in(v)
@@ -126,6 +127,9 @@ class _AdamWBase(torch.optim.Optimizer):
                                                 [s["exp_avg_sq"] for s in st], *hyper)
                 for s in st:
                     s["step"] = step
+        # prefetching resident pages still costs a driver call per state tensor every step: only after our
+        # own page_out; pages the driver evicted on its own fault back in
+        self._paged_out = False
         if paged_cuda and self.page_out_below > 0:
             free, total = torch.cuda.mem_get_info()
             free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # the allocator's cache is free
@@ -137,6 +141,7 @@ class _AdamWBase(torch.optim.Optimizer):
         """Starts evicting every paged state to host memory (they come back before the next step, when
         the GPU has room for them), so GPU memory is free for an allocation spike. A no-op for
         non-paged states."""
+        self._paged_out = True
         for state in self.state.values():
             for v in state.values():
                 if isinstance(v, torch.Tensor):

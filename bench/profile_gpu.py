@@ -1,0 +1,124 @@
+"""Where the time goes on a GPU: for the QLoRA linear (decode and training) and the optimizer steps,
+the wall time per call (CUDA events) next to the GPU-busy time (sum of kernel and copy times from
+torch.profiler) and the heaviest kernels. wall >> busy means launch/Python overhead or a sync, not
+slow kernels. Prints a table; --json FILE. Needs a GPU.
+
+    python bench/profile_gpu.py [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import traceback
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import event_time, format_table  # noqa: E402
+
+import qlora_ext  # noqa: E402
+from qlora_ext.functional import dequantize_4bit, qlora_linear, quantize_4bit  # noqa: E402
+from qlora_ext.optim import AdamW8bit, PagedAdamW  # noqa: E402
+
+
+def busy(fn, iters: int = 5) -> tuple[float, list]:
+    """GPU-busy ms per call and the top kernels (name, ms per call)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name[:70]] += e.time_range.elapsed_us() / 1e3 / iters
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:6]
+    return sum(per.values()), top
+
+
+def record(rows, tops, what, variant, fn, reps=20):
+    wall = event_time(fn, reps=reps) * 1e3
+    gpu, top = busy(fn)
+    rows.append(dict(what=what, variant=variant, wall_ms=wall, gpu_busy_ms=gpu, busy_frac=gpu / wall))
+    tops[f"{what} | {variant}"] = top
+
+
+def linear_cases(rows, tops):
+    dt, dev = torch.bfloat16, "cuda"
+    for n in (4096, 8192):
+        w = torch.randn(n, n, device=dev) / n**0.5
+        packed, state = quantize_4bit(w, blocksize=64, double_quant=True)
+        A = (torch.randn(16, n, device=dev) / n**0.5).to(dt).requires_grad_()
+        B = (torch.randn(n, 16, device=dev) * 0.01).to(dt).requires_grad_()
+        wd = w.to(dt)
+        fused = lambda x: qlora_linear(x, packed, state, A, B, 2.0)  # noqa: E731
+        unfused = lambda x: nn.functional.linear(x, dequantize_4bit(packed, state, dt)) + (x @ A.t()) @ B.t() * 2.0  # noqa: E731,E501
+        dense = lambda x: nn.functional.linear(x, wd) + (x @ A.t()) @ B.t() * 2.0  # noqa: E731
+        for m in (1, 16):
+            x = torch.randn(m, n, device=dev, dtype=dt)
+            for gemv in ("0", "1"):
+                os.environ["QLORA_EXT_GEMV"] = gemv
+                with torch.no_grad():
+                    record(rows, tops, f"decode {n} rows={m}", f"ours gemv={gemv}", lambda: fused(x), reps=50)
+            os.environ["QLORA_EXT_GEMV"] = "0"
+            with torch.no_grad():
+                record(rows, tops, f"decode {n} rows={m}", "unfused", lambda: unfused(x), reps=50)
+                record(rows, tops, f"decode {n} rows={m}", "dense", lambda: dense(x), reps=50)
+        x = torch.randn(4096, n, device=dev, dtype=dt, requires_grad=True)
+        for name, f in (("ours", fused), ("unfused", unfused), ("dense", dense)):
+            def step(f=f):
+                y = f(x)
+                y.backward(torch.ones_like(y))
+            record(rows, tops, f"fwd+bwd {n} rows=4096 r=16", name, step, reps=10)
+        del w, wd, packed
+        torch.cuda.empty_cache()
+
+
+def optim_cases(rows, tops):
+    per = 1_000_000
+    for name, make in (("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+                       ("ours PagedAdamW", lambda ps: PagedAdamW(ps, lr=1e-3)),
+                       ("ours AdamW8bit", lambda ps: AdamW8bit(ps, lr=1e-3))):
+        params = [nn.Parameter(torch.randn(per, device="cuda")) for _ in range(100)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = make(params)
+        opt.step()
+        record(rows, tops, "adamw 100x1M fp32", name, opt.step, reps=10)
+        del params, opt
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_gpu.py needs a GPU")
+    torch.manual_seed(0)
+    rows, tops = [], {}
+    for case in (linear_cases, optim_cases):
+        try:
+            case(rows, tops)
+        except Exception:  # report and go on: one failing case must not hide the others' numbers
+            traceback.print_exc()
+    print(format_table(rows, ["what", "variant", "wall_ms", "gpu_busy_ms", "busy_frac"]))
+    for k, top in tops.items():
+        if k.startswith(("fwd+bwd 4096", "decode 8192 rows=1 ", "decode 8192 rows=16", "adamw")):
+            print(f"-- {k}: " + "; ".join(f"{name} {ms:.3f}" for name, ms in top))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           kernels=qlora_ext.kernels_in_use(), rows=rows, top_kernels=tops), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
