@@ -20,7 +20,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import event_time, format_table  # noqa: E402
+from timing import copy_bandwidth, event_time, format_table  # noqa: E402
 
 import qlora_ext  # noqa: E402
 from qlora_ext.functional import dequantize_4bit, qlora_linear, quantize_4bit  # noqa: E402
@@ -43,15 +43,39 @@ def busy(fn, iters: int = 5) -> tuple[float, list]:
     return sum(per.values()), top
 
 
-def record(rows, tops, what, variant, fn, reps=20):
+def graph_ms(fn, reps: int = 20) -> float | None:
+    """ms per call replayed from a CUDA graph (no launch overhead), None when fn cannot be captured."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return event_time(g.replay, reps=reps) * 1e3
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        print(f"graph capture failed: {type(e).__name__}: {e}")
+        return None
+
+
+def record(rows, tops, what, variant, fn, reps=20, packed_bytes=None, copy_gbps=None, graph=False):
     wall = event_time(fn, reps=reps) * 1e3
     gpu, top = busy(fn)
-    rows.append(dict(what=what, variant=variant, wall_ms=wall, gpu_busy_ms=gpu, busy_frac=gpu / wall))
+    row = dict(what=what, variant=variant, wall_ms=wall, gpu_busy_ms=gpu, busy_frac=gpu / wall)
+    if graph:
+        row["graph_ms"] = graph_ms(fn)
+    if packed_bytes:  # fraction of copy bandwidth on the packed weight bytes alone, GPU-busy time
+        row["packed_frac_bw"] = packed_bytes / (gpu / 1e3) / 1e9 / copy_gbps
+    rows.append(row)
     tops[f"{what} | {variant}"] = top
 
 
 def linear_cases(rows, tops):
     dt, dev = torch.bfloat16, "cuda"
+    copy_gbps = copy_bandwidth()["best"] / 1e9
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s")
     for n in (4096, 8192):
         w = torch.randn(n, n, device=dev) / n**0.5
         packed, state = quantize_4bit(w, blocksize=64, double_quant=True)
@@ -61,16 +85,17 @@ def linear_cases(rows, tops):
         fused = lambda x: qlora_linear(x, packed, state, A, B, 2.0)  # noqa: E731
         unfused = lambda x: nn.functional.linear(x, dequantize_4bit(packed, state, dt)) + (x @ A.t()) @ B.t() * 2.0  # noqa: E731,E501
         dense = lambda x: nn.functional.linear(x, wd) + (x @ A.t()) @ B.t() * 2.0  # noqa: E731
-        for m in (1, 16):
+        for m in (1, 4, 16):
             x = torch.randn(m, n, device=dev, dtype=dt)
-            for gemv in ("0", "1"):
+            for gemv in ("1", "0"):  # the decode kernel, then dequantize + cuBLAS
                 os.environ["QLORA_EXT_GEMV"] = gemv
                 with torch.no_grad():
-                    record(rows, tops, f"decode {n} rows={m}", f"ours gemv={gemv}", lambda: fused(x), reps=50)
-            os.environ["QLORA_EXT_GEMV"] = "0"
+                    record(rows, tops, f"decode {n} rows={m}", f"ours gemv={gemv}", lambda: fused(x), reps=50,
+                           packed_bytes=n * n // 2, copy_gbps=copy_gbps, graph=True)
+            os.environ.pop("QLORA_EXT_GEMV")
             with torch.no_grad():
-                record(rows, tops, f"decode {n} rows={m}", "unfused", lambda: unfused(x), reps=50)
-                record(rows, tops, f"decode {n} rows={m}", "dense", lambda: dense(x), reps=50)
+                record(rows, tops, f"decode {n} rows={m}", "unfused", lambda: unfused(x), reps=50, graph=True)
+                record(rows, tops, f"decode {n} rows={m}", "dense bf16", lambda: dense(x), reps=50, graph=True)
         x = torch.randn(4096, n, device=dev, dtype=dt, requires_grad=True)
         for name, f in (("ours", fused), ("unfused", unfused), ("dense", dense)):
             def step(f=f):
@@ -109,7 +134,7 @@ def main() -> None:
             case(rows, tops)
         except Exception:  # report and go on: one failing case must not hide the others' numbers
             traceback.print_exc()
-    print(format_table(rows, ["what", "variant", "wall_ms", "gpu_busy_ms", "busy_frac"]))
+    print(format_table(rows, ["what", "variant", "wall_ms", "gpu_busy_ms", "busy_frac", "graph_ms", "packed_frac_bw"]))
     for k, top in tops.items():
         if k.startswith(("fwd+bwd 4096", "decode 8192 rows=1 ", "decode 8192 rows=16", "adamw")):
             print(f"-- {k}: " + "; ".join(f"{name} {ms:.3f}" for name, ms in top))

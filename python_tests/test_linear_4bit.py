@@ -220,6 +220,37 @@ def test_cuda_equals_cpu(cuda_device, rows):
     assert _rel(y_gpu.cpu(), y_cpu) < 1e-5  # TF32 is off by default for matmuls
 
 
+def _ran_decode_kernel(fn) -> bool:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return any("gemv_4bit" in e.name for e in prof.events())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,in_f,out_f,bs,dq,qt", [
+    (1, 4096, 130, 64, True, "nf4"), (2, 1056, 77, 32, False, "fp4"), (3, 96, 300, 4096, True, "fp4"),
+    (4, 2080, 17, 128, False, "nf4"), (1, 64, 1, 64, True, "nf4")])
+def test_cuda_decode_kernel_matches_reference(cuda_device, monkeypatch, dtype, rows, in_f, out_f, bs, dq, qt):
+    """The fused decode kernel (<= 4 rows, in_features % 32 == 0): runs, and equals the float64
+    reference over the same dequantized weight within the plain-PyTorch error budget (K not a multiple
+    of its 1024-element step, out_features not a multiple of its 16 rows, 3 of 4 rows, 1 output)."""
+    monkeypatch.delenv("QLORA_EXT_GEMV", raising=False)
+    w, x, A, B, b = _operands((rows,), in_f, out_f, 8, dtype, cuda_device)
+    packed, state = quantize_4bit(w, blocksize=bs, quant_type=qt, double_quant=dq)
+    with torch.no_grad():
+        assert _ran_decode_kernel(lambda: qlora_linear(x, packed, state, A, B, 0.5, b))
+        y = qlora_linear(x, packed, state, A, B, 0.5, b)
+        w_deq = dequantize_4bit(packed, state, out_dtype=torch.float32)
+        y64 = ref.qlora_linear(x.double(), w_deq.double(), A.double(), B.double(), 0.5, b.double())
+        yp = torch.nn.functional.linear(x, w_deq.to(dtype), b) + ((x @ A.t()) * 0.5) @ B.t()
+        monkeypatch.setenv("QLORA_EXT_GEMV", "0")  # the dequantize + cuBLAS path, for comparison
+        assert not _ran_decode_kernel(lambda: qlora_linear(x, packed, state, A, B, 0.5, b))
+    floor = {torch.float32: 1e-6}.get(dtype, 0.5 * torch.finfo(dtype).eps)
+    assert _rel(y, y64) <= max(2 * _rel(yp, y64), floor), (_rel(y, y64), _rel(yp, y64))
+
+
 @pytest.mark.parametrize("out_f,in_f,bs", [(1000, 4200, 64), (4097, 1100, 64), (130, 33000, 4096)])
 def test_several_cpu_tiles(out_f, in_f, bs):
     """Layers above the CPU kernel's 4M-element tile: tile boundaries, a partial last tile."""

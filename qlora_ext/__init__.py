@@ -34,7 +34,7 @@ def kernels_in_use(device: str | None = None) -> str:
             raise RuntimeError(f"device {device!r} asked for, but no CUDA GPU is visible")
         import os
 
-        gemv = "on" if os.environ.get("QLORA_EXT_GEMV") == "1" else "off (QLORA_EXT_GEMV=1 turns it on)"
+        gemv = "off (QLORA_EXT_GEMV=0)" if os.environ.get("QLORA_EXT_GEMV") == "0" else "on"
         return (f"qlora_ext: CUDA kernels on {torch.cuda.get_device_name(torch.device(device))}; "
                 f"fused decode kernel {gemv}")
     cuda_note = "CUDA kernels compiled in, no GPU visible" if built_with_cuda() else "CPU-only build"

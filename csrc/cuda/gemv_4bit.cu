@@ -1,14 +1,15 @@
-// CUDA decode kernel: y = x W^T + lora_xa B^T + bias for a few rows of x (1..16), W in 4 bits. It reads
-// the packed weight once, dequantizes in registers and adds the LoRA term in the same launch; nothing
-// the size of W is written. Weight-read bound: 0.5 B per weight (+ absmax), x is tiny.
+// CUDA decode kernel: y = x W^T + lora_xa B^T + bias for a few rows of x (1..kGemvMaxRows), W in 4 bits.
+// It reads the packed weight once, dequantizes in registers and adds the LoRA term in the same launch;
+// nothing the size of W is written. Weight-read bound: 0.5 B per weight (+ absmax); x is tiny and
+// L1/L2-resident, so it is read straight from global memory (no shared-memory staging, no barriers).
 //
-// A CTA owns kWarps * rows_per_warp<M>() output features. K is walked in chunks of kChunk elements: the CTA stages
-// x[:, chunk] in shared memory (as float, padded 4 floats per 16 so a lane's float4 reads are
-// conflict-free), then each warp streams its rows' packed bytes (8 bytes = 16 weights per lane, the
-// warp's loads coalesced into 256 contiguous bytes) and accumulates M dot products in float32. The
-// LoRA term (r-wide) is folded into the same per-lane partial sums before the warp reduction.
-// Requires in_features % 16 == 0 (rows start on 8-byte boundaries); the glue checks and otherwise
-// takes the dequantize + cuBLAS path.
+// A warp owns kRows output features and walks K 1024 elements at a time per unrolled step: each lane
+// loads 16 bytes (32 weights, within one absmax block since blocksize >= 32 and K % 32 == 0) of each of
+// its rows, kUnroll steps issued before any math, so 8 independent 16-byte loads are in flight per lane
+// (the bytes in flight per SM are what a latency-bound stream needs on HBM3). The code value is looked
+// up in a 16-entry shared table (16 distinct banks: conflict-free), the absmax is applied once per
+// 32-weight dot product, accumulation is float32. Requirements checked by the glue: in_features % 32 == 0,
+// blocksize >= 32, x and packed 16-byte aligned; otherwise the dequantize + cuBLAS path runs.
 #include "cuda/common.cuh"
 #include "cuda/gemv_4bit.h"
 
@@ -16,88 +17,114 @@ namespace qlora {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 8;
-// output features per warp: 4 weight loads in flight per lane, fewer when M accumulators per row
-// would spill registers
-template <int MAXM> __host__ __device__ constexpr int rows_per_warp() { return MAXM >= 16 ? 1 : (MAXM >= 8 ? 2 : 4); }
-constexpr int kChunk = 512;                      // K elements staged per step (16 per lane)
-constexpr int kPadded = kChunk + kChunk / 16 * 4;  // shared row stride in floats
+constexpr int kWarps = 4;    // per CTA
+constexpr int kRows = 4;     // output features per warp
+constexpr int kUnroll = 2;   // 1024-element K steps in flight
+constexpr int kLaneK = 32;   // weights per lane per step (16 bytes)
+constexpr int kWarpK = 32 * kLaneK;
 
 template <bool NESTED>
 __device__ __forceinline__ float absmax_of(const Gemv4bitArgs& a, const float* s_code8, float offset,
                                            int64_t block) {
   if constexpr (NESTED) {
-    return decode_absmax(s_code8[a.nested.q[block]], a.nested.absmax2[block >> a.nested.blocksize_log2], offset);
+    return decode_absmax(s_code8[__ldg(a.nested.q + block)], __ldg(a.nested.absmax2 + (block >> a.nested.blocksize_log2)),
+                         offset);
   } else {
-    return a.absmax[block];
+    return __ldg(a.absmax + block);
   }
 }
 
-template <typename T, bool NESTED, int MAXM>
+// 8 consecutive elements of x as float (16-byte aligned)
+__device__ __forceinline__ void load8(const float* p, float v[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+template <typename H>
+__device__ __forceinline__ void load8(const H* p, float v[8]) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const H* h = reinterpret_cast<const H*>(&u);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = to_float(h[i]);
+}
+
+template <typename T, bool NESTED, int M>
 __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_kernel(const Gemv4bitArgs a) {
-  constexpr int kRowsPerWarp = rows_per_warp<MAXM>();
-  extern __shared__ float s_x[];  // [MAXM][kPadded]
   __shared__ float s_code[16];
   __shared__ float s_code8[NESTED ? 256 : 1];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (threadIdx.x < 16) s_code[threadIdx.x] = code4_value(a.qt, threadIdx.x);
   if constexpr (NESTED) {
     for (int j = threadIdx.x; j < 256; j += blockDim.x) s_code8[j] = a.nested.code[j];
   }
-  const float offset = NESTED ? *a.nested.offset : 0.0f;
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;
+  if (o0 >= a.out_features) return;  // warp-uniform, after the only barrier
+  const float offset = NESTED ? __ldg(a.nested.offset) : 0.0f;
   const T* x = static_cast<const T*>(a.x);
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRowsPerWarp;
+  const int64_t K = a.in_features;
 
-  float acc[kRowsPerWarp][MAXM];
+  float acc[kRows][M];
 #pragma unroll
-  for (int j = 0; j < kRowsPerWarp; ++j)
+  for (int j = 0; j < kRows; ++j)
 #pragma unroll
-    for (int m = 0; m < MAXM; ++m) acc[j][m] = 0.0f;
+    for (int m = 0; m < M; ++m) acc[j][m] = 0.0f;
 
-  for (int64_t k0 = 0; k0 < a.in_features; k0 += kChunk) {
-    __syncthreads();  // the previous chunk's readers are done (and the code tables are written)
-    for (int i = threadIdx.x; i < MAXM * kChunk; i += blockDim.x) {
-      const int m = i / kChunk, k = i % kChunk;
-      const int64_t kk = k0 + k;
-      s_x[m * kPadded + k + (k >> 4) * 4] =
-          (m < a.rows && kk < a.in_features) ? to_float(x[m * a.in_features + kk]) : 0.0f;
-    }
-    __syncthreads();
-    const int64_t k = k0 + 16 * lane;  // this lane's 16 weights of each row
-    uint2 w[kRowsPerWarp];
-    float am[kRowsPerWarp];
+  for (int64_t k0 = 0; k0 < K; k0 += kUnroll * kWarpK) {
+    uint4 w[kUnroll][kRows];
+    float am[kUnroll][kRows];
 #pragma unroll
-    for (int j = 0; j < kRowsPerWarp; ++j) {  // all loads first
-      const int64_t o = row0 + j;
-      if (o < a.out_features && k < a.in_features) {
-        const int64_t e = o * a.in_features + k;  // flattened element index (16-aligned)
-        w[j] = __ldcs(reinterpret_cast<const uint2*>(a.packed + (e >> 1)));
-        am[j] = absmax_of<NESTED>(a, s_code8, offset, e >> a.bs_log2);
-      } else {
-        w[j] = make_uint2(0, 0);
-        am[j] = 0.0f;  // contributes 0 (code * 0)
-      }
-    }
-    const float* xs = s_x + 16 * lane + lane * 4;  // padded start of this lane's 16 elements
+    for (int u = 0; u < kUnroll; ++u) {  // all loads first
+      const int64_t k = k0 + u * kWarpK + lane * kLaneK;
 #pragma unroll
-    for (int j = 0; j < kRowsPerWarp; ++j) {
-      float wv[16];
-      const uint32_t words[2] = {w[j].x, w[j].y};
-#pragma unroll
-      for (int b = 0; b < 8; ++b) {
-        const uint32_t byte = (words[b >> 2] >> (8 * (b & 3))) & 0xFFu;
-        wv[2 * b] = decode4(s_code[byte >> 4], am[j]);
-        wv[2 * b + 1] = decode4(s_code[byte & 0xFu], am[j]);
-      }
-#pragma unroll
-      for (int m = 0; m < MAXM; ++m) {
-        const float4* xv = reinterpret_cast<const float4*>(xs + m * kPadded);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float4 v = xv[q];
-          acc[j][m] += wv[4 * q] * v.x + wv[4 * q + 1] * v.y + wv[4 * q + 2] * v.z + wv[4 * q + 3] * v.w;
+      for (int j = 0; j < kRows; ++j) {
+        const int64_t o = o0 + j;
+        if (o < a.out_features && k < K) {
+          const int64_t e = o * K + k;  // flattened element index, a multiple of 32
+          w[u][j] = __ldcs(reinterpret_cast<const uint4*>(a.packed + (e >> 1)));
+          am[u][j] = absmax_of<NESTED>(a, s_code8, offset, e >> a.bs_log2);
+        } else {
+          w[u][j] = make_uint4(0, 0, 0, 0);
+          am[u][j] = 0.0f;
         }
       }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + u * kWarpK + lane * kLaneK;
+      if (k >= K) break;  // later steps are past the end too
+      float part[kRows][M];
+#pragma unroll
+      for (int j = 0; j < kRows; ++j)
+#pragma unroll
+        for (int m = 0; m < M; ++m) part[j][m] = 0.0f;
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {  // 8 weights (one 32-bit word) at a time
+        float xv[M][8];
+#pragma unroll
+        for (int m = 0; m < M; ++m) {  // rows past a.rows (3 of M = 4) are never read
+          if (m < a.rows) {
+            load8(x + m * K + k + 8 * s, xv[m]);
+          } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) xv[m][i] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) {
+          const uint32_t word = s == 0 ? w[u][j].x : (s == 1 ? w[u][j].y : (s == 2 ? w[u][j].z : w[u][j].w));
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {  // byte b: element 2b in the high nibble, 2b + 1 in the low
+            const uint32_t byte = (word >> (8 * b)) & 0xFFu;
+            const float hi = s_code[byte >> 4], lo = s_code[byte & 0xFu];
+#pragma unroll
+            for (int m = 0; m < M; ++m) part[j][m] += hi * xv[m][2 * b] + lo * xv[m][2 * b + 1];
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kRows; ++j)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[j][m] += am[u][j] * part[j][m];
     }
   }
 
@@ -105,19 +132,19 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_kernel(const Gemv4bitAr
   const T* xa = static_cast<const T*>(a.lora_xa);
   const T* lb = static_cast<const T*>(a.lora_B);
 #pragma unroll
-  for (int j = 0; j < kRowsPerWarp; ++j) {
-    const int64_t o = row0 + j;
+  for (int j = 0; j < kRows; ++j) {
+    const int64_t o = o0 + j;
     if (xa != nullptr && o < a.out_features) {
       for (int t = lane; t < a.rank; t += 32) {
         const float bv = to_float(lb[o * a.rank + t]);
 #pragma unroll
-        for (int m = 0; m < MAXM; ++m) {
+        for (int m = 0; m < M; ++m) {
           if (m < a.rows) acc[j][m] += to_float(xa[m * a.rank + t]) * bv;
         }
       }
     }
 #pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
+    for (int m = 0; m < M; ++m) {
       float v = acc[j][m];
 #pragma unroll
       for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
@@ -129,21 +156,19 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_kernel(const Gemv4bitAr
   }
 }
 
-template <typename T, bool NESTED, int MAXM>
+template <typename T, bool NESTED, int M>
 void launch(const Gemv4bitArgs& a, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * MAXM * kPadded;  // <= 16 * 640 * 4 = 40 KB: no opt-in needed
-  constexpr int kRowsPerCta = kWarps * rows_per_warp<MAXM>();
+  constexpr int kRowsPerCta = kWarps * kRows;
   const unsigned grid = static_cast<unsigned>((a.out_features + kRowsPerCta - 1) / kRowsPerCta);
-  gemv_4bit_kernel<T, NESTED, MAXM><<<grid, kWarps * 32, smem, stream>>>(a);
+  gemv_4bit_kernel<T, NESTED, M><<<grid, kWarps * 32, 0, stream>>>(a);
 }
 
 template <typename T, bool NESTED>
 void launch_rows(const Gemv4bitArgs& a, cudaStream_t stream) {
+  static_assert(kGemvMaxRows == 4, "launch_rows covers 1, 2 and 4 rows");
   if (a.rows <= 1) launch<T, NESTED, 1>(a, stream);
   else if (a.rows <= 2) launch<T, NESTED, 2>(a, stream);
-  else if (a.rows <= 4) launch<T, NESTED, 4>(a, stream);
-  else if (a.rows <= 8) launch<T, NESTED, 8>(a, stream);
-  else launch<T, NESTED, 16>(a, stream);
+  else launch<T, NESTED, 4>(a, stream);
 }
 
 }  // namespace

@@ -8,10 +8,10 @@
 namespace qlora {
 namespace cuda {
 
-constexpr int kGemvMaxRows = 16;
+constexpr int kGemvMaxRows = 4;  // more rows: dequantize + cuBLAS (tensor cores win there)
 
 // y (rows x out_features) = x (rows x in_features) W^T [+ lora_xa (rows x rank) lora_B^T] [+ bias], all of
-// one dtype, contiguous, on the device; W is the 4-bit state (packed 8-byte aligned, in_features % 16 == 0).
+// one dtype, contiguous, on the device; W is the 4-bit state (x and packed 16-byte aligned, in_features % 32 == 0, blocksize >= 32).
 struct Gemv4bitArgs {
   const void* x = nullptr;
   const uint8_t* packed = nullptr;

@@ -1,9 +1,9 @@
 // CUDA glue of the 4-bit linear and its input gradient.
 // - Training path (any row count): dequantize W with the bandwidth-bound kernel of dequantize.cu into a
 //   transient tensor (freed on return, so one layer's W at most is alive), then cuBLAS through ATen.
-// - Decode path (<= 16 rows, in_features % 16 == 0): gemv_4bit.cu, one launch reading the packed weight
-//   once. It has compiled but not yet run on a GPU, so it is opt-in (QLORA_EXT_GEMV=1) until the CUDA
-//   tests and bench/linear_speed.py have run it; qlora_ext.kernels_in_use() reports the setting.
+// - Decode path (<= kGemvMaxRows rows, in_features % 32 == 0, blocksize >= 32, 16-byte aligned x and
+//   packed): gemv_4bit.cu, one launch reading the packed weight once. On by default;
+//   QLORA_EXT_GEMV=0 turns it off (for A/B timing); qlora_ext.kernels_in_use() reports the setting.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -35,8 +35,10 @@ at::Tensor dense_weight(const at::Tensor& act, const at::Tensor& packed, const a
 
 bool gemv_enabled() {
   const char* v = std::getenv("QLORA_EXT_GEMV");
-  return v != nullptr && std::strcmp(v, "1") == 0;
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 cuda::DType gemv_dtype(at::ScalarType st) {
   return st == at::kFloat ? cuda::DType::F32 : (st == at::kHalf ? cuda::DType::F16 : cuda::DType::BF16);
@@ -55,10 +57,9 @@ at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
                                                       nested_blocksize);
   TORCH_CHECK_VALUE(x.device() == packed.device(), "x and packed must be on one device, got ", x.device(), " and ",
                     packed.device());
-  const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   cuda::Gemv4bitArgs a;
-  a.x = xc.const_data_ptr();
+  a.x = x.const_data_ptr();
   a.packed = packed.const_data_ptr<uint8_t>();
   if (nested_absmax) {
     a.nested.q = absmax.const_data_ptr<uint8_t>();
@@ -95,8 +96,8 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   check_activation(x, "x", in_features, "in_features", /*allow_double=*/false);
   check_linear_4bit_extras(x, out_features, lora_xa, lora_B, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  if (gemv_enabled() && x.size(0) <= cuda::kGemvMaxRows && in_features % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 8 == 0) {
+  if (gemv_enabled() && x.size(0) <= cuda::kGemvMaxRows && in_features % 32 == 0 && blocksize >= 32 &&
+      aligned16(packed.const_data_ptr()) && x.is_contiguous() && aligned16(x.const_data_ptr())) {
     return gemv_4bit(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
                      nested_code, offset, nested_blocksize, lora_xa, lora_B, bias);
   }
