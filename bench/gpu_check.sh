@@ -18,7 +18,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 echo "== build"
 # With the GPU image's default compiler (/opt/gcc, not the one its torch was built with) a C++ exception
 # thrown by our kernels killed the process (segfault); the system g++ builds a working extension.
-if [ -x /usr/bin/g++ ] && [ -z "${CXX:-}${KEEP_CC:-}" ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+if [ -x /usr/bin/g++ ] && [ -z "${KEEP_CC:-}" ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi  # the image sets CXX
 t0=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
   python3 setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1 || { tail -40 "$OUT_DIR/build.log"; exit 1; }
