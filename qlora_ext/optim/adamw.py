@@ -17,6 +17,9 @@ from . import paged
 _BLOCK = 256  # 8-bit states: one bfloat16 absmax per 256 values
 
 
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class _AdamWBase(torch.optim.Optimizer):
     """Shared machinery. Subclasses set ``_bits`` (32 or 8) and ``_paged``."""
 
@@ -74,6 +77,8 @@ class _AdamWBase(torch.optim.Optimizer):
             state["exp_avg"], state["exp_avg_sq"] = zeros(torch.float32), zeros(torch.float32)
 
     def _check_param(self, p: torch.Tensor) -> None:
+        if p.dtype in _PARAM_DTYPES and p.is_contiguous() and p.grad.layout is torch.strided:
+            return  # the common case, in three attribute reads (this runs per tensor per step)
         if p.grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if p.is_complex():
@@ -115,7 +120,7 @@ class _AdamWBase(torch.optim.Optimizer):
                 eight = state["exp_avg"].dtype == torch.uint8  # the stored kind, whatever the settings
                 buckets[(eight, state["step"] + 1, p.device)].append(p)
             for (eight, step, device), bucket in buckets.items():
-                grads = [p.grad.to(p.dtype, memory_format=torch.contiguous_format) for p in bucket]
+                grads = [_dense_grad(p) for p in bucket]
                 st = [self.state[p] for p in bucket]
                 hyper = (lr, beta1, beta2, eps, wd, step)
                 if eight:
@@ -161,6 +166,14 @@ def _maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if device not in _MAPS:
         _MAPS[device] = (dynamic_map(device), dynamic_map(device, signed=False))
     return _MAPS[device]
+
+
+def _dense_grad(p: torch.Tensor) -> torch.Tensor:
+    """p's gradient in p's dtype, contiguous (a copy only when needed: this runs per tensor per step)."""
+    g = p.grad
+    if g.dtype is p.dtype and g.is_contiguous():
+        return g
+    return g.to(p.dtype, memory_format=torch.contiguous_format)
 
 
 def _check_hyper(group: dict) -> None:
