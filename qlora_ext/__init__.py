@@ -17,6 +17,7 @@ except ImportError as e:  # pragma: no cover - only when the package was not bui
 
 from . import _ops  # noqa: F401,E402
 from .functional import QuantState, dequantize_4bit, quantize_4bit  # noqa: E402
+from .model import QLoRAConfig, load_adapter, merge_and_unload, prepare_model, save_adapter  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,75 @@
+"""QLoRAConfig: what prepare_model does to a model (the fields of PEFT's LoraConfig that matter here,
+plus the 4-bit format of issue 2)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+_QUANT_TYPES = ("nf4", "fp4")
+
+
+@dataclass
+class QLoRAConfig:
+    """Settings of :func:`qlora_ext.prepare_model`.
+
+    Args:
+        r, lora_alpha, lora_dropout, use_rslora: the adapter (scaling ``lora_alpha / r``, or
+            ``lora_alpha / sqrt(r)`` with rsLoRA).
+        target_modules: ``"all-linear"`` (every ``nn.Linear`` except the output embedding and
+            ``modules_to_save``), a list of module names matched as PEFT does (the full dotted name or
+            its last components, e.g. ``"q_proj"`` or ``"attn.q_proj"``), or a regex string matched
+            against the full dotted name.
+        quant_type: ``"nf4"`` or ``"fp4"`` (4-bit base, :class:`QuantLoRALinear`), or None for a dense
+            base (:class:`LoRALinear`: plain LoRA).
+        blocksize, double_quant: the 4-bit format (bitsandbytes' defaults: 64, True).
+        compute_dtype: dtype of the 4-bit layers' matmuls.
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head),
+            by name as ``target_modules``; kept in float32.
+        gradient_checkpointing: turn on the model's gradient checkpointing (transformers models).
+        init_lora_weights: ``"kaiming"`` (PEFT's default) or ``"gaussian"``.
+    """
+
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    quant_type: str | None = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16
+    use_rslora: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = True
+    init_lora_weights: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.quant_type is not None and self.quant_type not in _QUANT_TYPES:
+            raise ValueError(f"quant_type must be 'nf4', 'fp4' or None (no quantization), got {self.quant_type!r}")
+        if not isinstance(self.target_modules, (str, list, tuple)) or not self.target_modules:
+            raise ValueError("target_modules must be 'all-linear', a regex string or a non-empty list of names, "
+                             f"got {self.target_modules!r}")
+        if isinstance(self.compute_dtype, str):
+            self.compute_dtype = getattr(torch, self.compute_dtype)
+        if self.compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"compute_dtype must be float32, float16 or bfloat16, got {self.compute_dtype}")
+        self.modules_to_save = list(self.modules_to_save or [])
+
+    def lora_kwargs(self) -> dict:
+        """Keyword arguments of the layer constructors (``from_linear``)."""
+        kw = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, use_rslora=self.use_rslora,
+                  init_lora_weights=self.init_lora_weights)
+        if self.quant_type is not None:
+            kw.update(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant,
+                      compute_dtype=self.compute_dtype)
+        return kw
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["compute_dtype"] = str(self.compute_dtype).removeprefix("torch.")
+        return d
