@@ -1,13 +1,48 @@
 """The ``qlora-ext`` command line (also ``python -m qlora_ext``).
 
-    qlora-ext quant-report [--device cpu|cuda] [--json FILE]   NF4/FP4/int4 on real MiniLM weights
+    qlora-ext finetune                      the default job: QLoRA vs fp32 LoRA on all-MiniLM-L6-v2 + TREC
+    qlora-ext finetune --model DIR --data FILE.jsonl [...]   QLoRA fine-tune of a local causal LM
+    qlora-ext estimate --model DIR|config.json [...]          the memory plan of a QLoRA run
+    qlora-ext quant-report [--device cpu|cuda] [--json FILE]  NF4/FP4/int4 on real MiniLM weights
 
-Exit status: 0 on success, 2 when the input (model package, device) is missing.
+Exit status: 0 on success, 2 when an input (model, data, package, device) is missing or malformed,
+130 when interrupted (after saving a resumable checkpoint).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+
+def _finetune_parser(sub) -> None:
+    ft = sub.add_parser("finetune", help="QLoRA fine-tuning (no arguments: the built-in default job)",
+                        description="Without --model/--data: QLoRA (NF4) vs fp32 LoRA fine-tuning of the pretrained "
+                                    "all-MiniLM-L6-v2 on a real labeled dataset, no downloads. With them: QLoRA "
+                                    "fine-tuning of a local transformers causal LM on a JSONL file.")
+    ft.add_argument("--model", default=None, metavar="DIR", help="local transformers causal-LM folder")
+    ft.add_argument("--data", default=None, metavar="FILE.jsonl",
+                    help="records with 'text', or 'instruction' + 'response' (one JSON object per line)")
+    ft.add_argument("--output", default="qlora-out", metavar="DIR", help="adapter, log and checkpoints (default: %(default)s)")
+    ft.add_argument("--dataset", default="trec", choices=["trec", "sms-spam"], help="default job's data (default: trec)")
+    ft.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 150 default job, 100 causal LM)")
+    ft.add_argument("--batch-size", type=int, default=8)
+    ft.add_argument("--grad-accum", type=int, default=1)
+    ft.add_argument("--lr", type=float, default=2e-4)
+    ft.add_argument("--seq-len", type=int, default=512)
+    ft.add_argument("--packing", action="store_true", help="pack records into full --seq-len blocks (else pad)")
+    ft.add_argument("--r", type=int, default=16)
+    ft.add_argument("--lora-alpha", type=float, default=32)
+    ft.add_argument("--lora-dropout", type=float, default=0.05)
+    ft.add_argument("--target-modules", default="all-linear", help="'all-linear', comma-separated names, or a regex")
+    ft.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "none"])
+    ft.add_argument("--optim", default="paged_adamw_32bit", choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"])
+    ft.add_argument("--eval-every", type=int, default=25)
+    ft.add_argument("--eval-fraction", type=float, default=0.1)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    ft.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ft.add_argument("--json", default=None, metavar="FILE", help="also write the final report as JSON")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,20 +51,35 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("quant-report", help="quantization error and storage on all-MiniLM-L6-v2's real weights")
     rep.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     rep.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    _finetune_parser(sub)
     args = parser.parse_args(argv)
 
-    if args.command == "quant-report":
-        from . import kernels_in_use
-        from .quant_report import main as report_main
+    try:
+        if args.command == "quant-report":
+            from . import kernels_in_use
+            from .quant_report import main as report_main
 
-        try:
             print(kernels_in_use(args.device))
-            report = report_main(args.device, args.json)
-        except (FileNotFoundError, RuntimeError) as e:
-            print(f"qlora-ext: {e}", file=sys.stderr)
-            return 2
-        return 0
-    return 2
+            report_main(args.device, args.json)
+        elif args.command == "finetune":
+            if args.model is None and args.data is None:
+                from .train.classify import default_job
+
+                default_job(args.dataset, steps=args.steps or 150, json_path=args.json,
+                            progress=not args.no_progress, device=args.device)
+            elif args.model is None or args.data is None:
+                parser.error("finetune needs both --model and --data (or neither, for the default job)")
+            else:
+                from .train.causal_lm import finetune_from_args
+
+                finetune_from_args(args)
+    except KeyboardInterrupt:
+        print("qlora-ext: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"qlora-ext: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

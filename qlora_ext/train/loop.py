@@ -1,0 +1,93 @@
+"""The training loop shared by the command-line jobs: gradient accumulation, a tqdm bar with loss,
+tokens/s and peak memory, periodic evaluation, a JSON-lines log, and Ctrl-C turned into a resumable
+checkpoint (the caller's ``save`` hook) instead of lost work."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: the CUDA allocator's on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint must hold to resume the loop exactly (with the model and optimizer)."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+
+def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+          optimizer: torch.optim.Optimizer, steps: int, *, grad_accum: int = 1, state: LoopState | None = None,
+          eval_every: int = 0, evaluate: Callable[[], dict] | None = None, log_path: str | None = None,
+          save: Callable[[LoopState], None] | None = None, device: torch.device | None = None,
+          progress: bool = True, desc: str = "train", max_grad_norm: float | None = 1.0) -> LoopState:
+    """Runs optimizer steps ``state.step .. steps - 1``; each step averages ``grad_accum`` micro-batches
+    from ``batches`` (dicts of tensors; ``"num_tokens"`` counts tokens for the rate). Returns the state.
+
+    On KeyboardInterrupt the ``save`` hook is called with the state of the last completed step and the
+    interrupt is raised again: no half-applied step is ever saved."""
+    state = state or LoopState()
+    device = device or next(model.parameters()).device
+    log = open(log_path, "a", encoding="utf-8") if log_path else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=steps, initial=state.step, desc=desc, disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    tokens, t0 = 0, time.perf_counter()
+    try:
+        model.train()
+        while state.step < steps:
+            total = 0.0
+            for _ in range(grad_accum):
+                batch = next(batches)
+                loss = loss_fn(model, batch) / grad_accum
+                loss.backward()
+                total += loss.detach().item()
+                tokens += int(batch.get("num_tokens", 0))
+            if not math.isfinite(total):
+                raise FloatingPointError(f"loss is {total} at step {state.step}: lower the learning rate")
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.losses.append(total)
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            peak = peak_memory_bytes(device) / 2**20
+            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{rate:.0f}", peak_MiB=f"{peak:.0f}")
+            bar.update(1)
+            record = {"step": state.step, "loss": total, "tokens_per_s": rate, "peak_MiB": peak}
+            if evaluate is not None and eval_every and (state.step % eval_every == 0 or state.step == steps):
+                metrics = evaluate()
+                model.train()
+                state.evals.append({"step": state.step, **metrics})
+                record.update(metrics)
+                bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if log:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+    except KeyboardInterrupt:
+        bar.write(f"interrupted after step {state.step}" + ("; saving a resumable checkpoint" if save else ""))
+        optimizer.zero_grad(set_to_none=True)
+        if save is not None:
+            save(state)
+        raise
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    return state
