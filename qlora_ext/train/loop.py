@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,11 +26,50 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 @dataclass
 class LoopState:
-    """What a checkpoint must hold to resume the loop exactly (with the model and optimizer)."""
+    """What a checkpoint must hold to resume the loop exactly (with the model and optimizer): ``rng`` is
+    the random state at the boundary after step ``step`` (dropout draws of the next step come from it)."""
 
     step: int = 0
     losses: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    rng: dict = field(default_factory=dict)
+
+
+def rng_snapshot() -> dict:
+    snap = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snap["cuda"] = torch.cuda.get_rng_state_all()
+    return snap
+
+
+def rng_restore(snap: dict) -> None:
+    if "cpu" in snap:
+        torch.set_rng_state(snap["cpu"])
+    if "cuda" in snap and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(snap["cuda"])
+
+
+class _DeferInterrupt:
+    """Holds Ctrl-C back while an optimizer step is being applied (so no half-updated parameters are
+    ever checkpointed) and raises it right after."""
+
+    def __enter__(self):
+        self.pending = False
+        try:
+            self.old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: signals cannot be handled here anyway
+            self.old = None
+        return self
+
+    def _handler(self, signum, frame):
+        self.pending = True
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        if self.pending:
+            raise KeyboardInterrupt
+        return False
 
 
 def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
@@ -39,9 +79,10 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
           progress: bool = True, desc: str = "train", max_grad_norm: float | None = 1.0) -> LoopState:
     """Runs optimizer steps ``state.step .. steps - 1``; each step averages ``grad_accum`` micro-batches
     from ``batches`` (dicts of tensors; ``"num_tokens"`` counts tokens for the rate). Returns the state.
+    ``batches`` must already be positioned at ``state.step * grad_accum`` when resuming.
 
-    On KeyboardInterrupt the ``save`` hook is called with the state of the last completed step and the
-    interrupt is raised again: no half-applied step is ever saved."""
+    On KeyboardInterrupt the ``save`` hook is called with the state of the last completed step (its
+    random state included) and the interrupt is raised again: no half-applied step is ever saved."""
     state = state or LoopState()
     device = device or next(model.parameters()).device
     log = open(log_path, "a", encoding="utf-8") if log_path else None
@@ -51,6 +92,7 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
     try:
         model.train()
         while state.step < steps:
+            state.rng = rng_snapshot()
             total = 0.0
             for _ in range(grad_accum):
                 batch = next(batches)
@@ -60,12 +102,14 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
                 tokens += int(batch.get("num_tokens", 0))
             if not math.isfinite(total):
                 raise FloatingPointError(f"loss is {total} at step {state.step}: lower the learning rate")
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.losses.append(total)
+            with _DeferInterrupt():
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.losses.append(total)
+                state.rng = rng_snapshot()
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
             peak = peak_memory_bytes(device) / 2**20
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{rate:.0f}", peak_MiB=f"{peak:.0f}")

