@@ -40,7 +40,8 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, device
     dense weight released before the next, so at most one dense layer is alive beyond the quantized
     model (when nothing else holds the dense weights). Then: every parameter frozen except the adapters
     and ``modules_to_save``; with a 4-bit base, every other fp16/bf16 parameter (embeddings, norms,
-    heads) upcast to float32, as PEFT's ``prepare_model_for_kbit_training`` (they train stably there); the rest of the model moved to ``device``; gradient checkpointing turned on (non-reentrant) when
+    heads) upcast to float32, as PEFT's ``prepare_model_for_kbit_training`` (they train stably there);
+    the rest of the model moved to ``device``; gradient checkpointing turned on (non-reentrant) when
     the model supports it and ``config.gradient_checkpointing``. Prints the trainable-parameter count
     when ``verbose`` (also stored as ``model.qlora_trainable``: (trainable, total)).
 
@@ -66,6 +67,17 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, device
         _set_submodule(model, name, layer)
         del linear, layer  # the dense weight goes now (unless the caller still holds it)
 
+    return finish_preparation(model, config, device=device, verbose=verbose, n_layers=len(targets))
+
+
+@torch.no_grad()
+def finish_preparation(model: nn.Module, config: QLoRAConfig, *, device: torch.device | str | None = None,
+                       verbose: bool = True, n_layers: int | None = None) -> nn.Module:
+    """The steps after the layers are replaced (shared with :func:`load_quantized`): freeze, upcast,
+    move, gradient checkpointing, count."""
+    cls = QuantLoRALinear if config.quant_type is not None else LoRALinear
+    if n_layers is None:
+        n_layers = sum(isinstance(m, LoRALayer) for m in model.modules())
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in model.named_modules():
@@ -94,7 +106,7 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, device
     trainable, total = count_parameters(model)
     model.qlora_trainable = (trainable, total)
     if verbose:
-        print(f"qlora_ext: {len(targets)} layers -> {cls.__name__} (r={config.r}); trainable params: "
+        print(f"qlora_ext: {n_layers} layers -> {cls.__name__} (r={config.r}); trainable params: "
               f"{trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
     return model
 

@@ -1,0 +1,120 @@
+"""qlora_ext.model.loading.load_quantized: a sharded local checkpoint read tensor by tensor into a
+prepared model (the same model prepare_model makes from the dense one; peak bytes within one dense
+layer of the result), a bitsandbytes 4-bit checkpoint loaded without re-quantization, and bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qlora_ext import QLoRAConfig, load_quantized, prepare_model
+from qlora_ext.functional import QuantState, dequantize_4bit
+from qlora_ext.nn import QuantLoRALinear
+
+transformers = pytest.importorskip("transformers")
+
+
+def _config(**kw):
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, **kw)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_config())
+    model.save_pretrained(tmp_path, max_shard_size="60KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 3  # really sharded
+    return tmp_path, torch.randint(0, 96, (2, 9))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", None])
+def test_same_model_as_prepare_model(saved, quant_type):
+    folder, ids = saved
+    cfg = QLoRAConfig(r=4, quant_type=quant_type, compute_dtype=torch.float32)
+    want = prepare_model(transformers.LlamaForCausalLM.from_pretrained(folder), cfg, verbose=False).eval()
+    got = load_quantized(folder, cfg, dtype=torch.float32, device="cpu", verbose=False).eval()
+    a, b = want.state_dict(), got.state_dict()
+    assert sorted(a) == sorted(b)
+    for k in a:  # everything but the randomly initialized lora_A
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert "lora_A" in k or torch.equal(a[k], b[k]), k
+    with torch.no_grad():
+        assert torch.equal(want(ids).logits, got(ids).logits)
+    assert got.qlora_trainable == want.qlora_trainable
+
+
+def test_peak_bytes_within_one_dense_layer(saved):
+    folder, _ = saved
+    model = load_quantized(folder, QLoRAConfig(r=4), dtype=torch.float32, device="cpu", verbose=False)
+    s = model.qlora_load_stats
+    dense = sum(v.numel() * v.element_size() for f in folder.glob("model-*.safetensors") for v in load_file(f).values())
+    assert s["largest_dense_bytes"] == 192 * 64 * 4
+    assert s["peak_bytes"] <= s["final_bytes"] + s["largest_dense_bytes"]
+    assert s["final_bytes"] < 0.45 * dense  # the 4-bit model really is smaller than the checkpoint
+
+
+def test_bitsandbytes_checkpoint_loads_without_requantization(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(_config())
+    sd = {k: v.clone() for k, v in dense.state_dict().items()}
+    for name, mod in list(dense.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.float32,
+                                  compress_statistics=True, quant_type="fp4")
+            q.weight = bnb.nn.Params4bit(mod.weight.data.clone(), requires_grad=False, quant_type="fp4",
+                                         compress_statistics=True, blocksize=128)
+            q = q.to("cpu")  # quantizes, as transformers does for load_in_4bit
+            del sd[name + ".weight"]
+            sd.update({f"{name}.{k}": v for k, v in q.state_dict().items()})
+    dense.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+
+    model = load_quantized(tmp_path, QLoRAConfig(r=4, compute_dtype=torch.float32), dtype=torch.float32,
+                           device="cpu", verbose=False)
+    q_proj = model.model.layers[1].self_attn.q_proj
+    assert isinstance(q_proj, QuantLoRALinear) and q_proj.quant_type == "fp4" and q_proj.blocksize == 128
+    assert torch.equal(q_proj.weight.flatten(), sd["model.layers.1.self_attn.q_proj.weight"].flatten())
+    want = dequantize_4bit(sd["model.layers.1.self_attn.q_proj.weight"],
+                           QuantState.from_dict(sd, prefix="model.layers.1.self_attn.q_proj.weight."), torch.float32)
+    assert torch.equal(q_proj.dense_weight(), want)
+
+
+def test_bad_checkpoints(saved, tmp_path):
+    folder, _ = saved
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_quantized(tmp_path / "nowhere")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    data = (folder / shard).read_bytes()
+    (folder / shard).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_quantized(folder, device="cpu")
+    (folder / shard).unlink()
+    with pytest.raises(FileNotFoundError, match="missing checkpoint shards"):
+        load_quantized(folder, device="cpu")
+
+
+def test_missing_unexpected_and_nan_tensors(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_config())
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    model.config.save_pretrained(tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if k != "model.norm.weight"}, path)
+    with pytest.raises(ValueError, match=r"lacks \['model.norm.weight'\]"):
+        load_quantized(tmp_path, device="cpu")
+    save_file({**sd, "model.layers.9.mlp.up_proj.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(ValueError, match="another architecture"):
+        load_quantized(tmp_path, device="cpu")
+    sd["model.layers.0.mlp.up_proj.weight"][3, 3] = float("inf")
+    save_file(sd, path)
+    with pytest.raises(ValueError, match=r"up_proj.weight has NaN or infinite"):
+        load_quantized(tmp_path, device="cpu")
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="pickle"):
+        load_quantized(tmp_path, device="cpu")

@@ -1,0 +1,206 @@
+"""load_quantized: build a transformers model from a local folder without ever holding it dense —
+the model is created on the meta device, then the safetensors shards are read one tensor at a time;
+each target layer's weight is quantized as it arrives (or, from a bitsandbytes 4-bit checkpoint,
+taken as stored, without re-quantization) and released before the next."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..functional import QuantState
+from ..nn import LoRALinear, QuantLoRALinear
+from .config import QLoRAConfig
+from .prepare import _set_submodule, finish_preparation
+from .targets import find_targets
+
+_BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def checkpoint_shards(folder: Path) -> list[Path]:
+    """The safetensors files of a local checkpoint (sharded with an index, or one file)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+        shards = [folder / f for f in sorted(set(weight_map.values()))]
+    elif (folder / "model.safetensors").is_file():
+        shards = [folder / "model.safetensors"]
+    elif any(folder.glob("*.bin")):
+        raise ValueError(f"{folder} holds only pickle (.bin) weights; convert them to safetensors (pickle is not read)")
+    else:
+        raise FileNotFoundError(f"no model.safetensors (or index) in {folder}")
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is missing checkpoint shards {missing}")
+    return shards
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return 0 if t.is_meta else t.numel() * t.element_size()
+
+
+def _model_bytes(model: nn.Module) -> int:
+    n = sum(_nbytes(t) for t in list(model.parameters()) + list(model.buffers()))
+    for m in model.modules():
+        qs = getattr(m, "quant_state", None)
+        if isinstance(qs, QuantState) and not qs.absmax.is_meta:
+            n += _nbytes(qs.absmax) + (_nbytes(qs.nested_absmax) + _nbytes(qs.nested_code) if qs.double_quant else 0)
+    return n
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, device, dtype) -> bool:
+    owner_name, _, attr = key.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name) if owner_name else model
+    except AttributeError:
+        return False
+    if value.is_floating_point():
+        value = value.to(dtype)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value.to(device), requires_grad=False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value.to(device)
+    else:
+        return False
+    return True
+
+
+def _fix_meta_buffers(model: nn.Module, hf_config, device) -> None:
+    """Non-persistent buffers (rotary inverse frequencies) are not in checkpoints: rebuild the small
+    modules that own them on the real device."""
+    for name, m in list(model.named_modules()):
+        if any(b.is_meta for b in m.buffers(recurse=False)):
+            try:
+                with torch.device("cpu"):  # (inside load_quantized's meta context otherwise)
+                    fresh = type(m)(config=getattr(m, "config", hf_config))
+            except TypeError:
+                bad = [f"{name}.{b}" for b, t in m.named_buffers(recurse=False) if t.is_meta]
+                raise ValueError(f"buffers {bad} are neither in the checkpoint nor rebuildable") from None
+            for bname, b in fresh.named_buffers(recurse=False):
+                if m._buffers.get(bname) is not None and m._buffers[bname].is_meta:
+                    m._buffers[bname] = b.to(device)
+
+
+@torch.no_grad()
+def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = None, *,
+                   device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
+                   auto_class: str = "AutoModelForCausalLM", verbose: bool = True) -> nn.Module:
+    """A transformers model from a local folder (``config.json`` + safetensors, sharded or not),
+    prepared like :func:`prepare_model` while it is read: peak memory is the quantized model plus one
+    dense tensor. A bitsandbytes 4-bit checkpoint (what transformers saves for a ``load_in_4bit``
+    model) loads into our layers as stored; its format wins over ``config``'s.
+
+    ``dtype`` is the dtype of the non-quantized weights as loaded (upcast to float32 afterwards when
+    quantizing, as :func:`prepare_model`). ``model.qlora_load_stats`` holds the byte accounting:
+    ``peak_bytes`` (model tensors materialized so far + the tensor in flight, at its maximum),
+    ``final_bytes`` and ``largest_dense_bytes``. Local paths only: nothing is downloaded."""
+    import transformers
+
+    config = config or QLoRAConfig()
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a local transformers model folder (no config.json)")
+    shards = checkpoint_shards(folder)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hf_config = transformers.AutoConfig.from_pretrained(folder)
+    hf_config.dtype = dtype
+    auto = getattr(transformers, auto_class)
+    with torch.device("meta"):
+        model = auto.from_config(hf_config)
+    targets = find_targets(model, config.target_modules, config.modules_to_save)
+    layer_cls = QuantLoRALinear if config.quant_type is not None else LoRALinear
+    for name in targets:
+        lin = model.get_submodule(name)
+        _set_submodule(model, name, layer_cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                              device="meta", **config.lora_kwargs()))
+    target_set = set(targets)
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # bitsandbytes parts of a layer, until complete
+    unexpected, stats = [], {"peak_bytes": 0, "largest_dense_bytes": 0}
+    live = 0
+
+    def account(in_flight: int) -> None:
+        stats["peak_bytes"] = max(stats["peak_bytes"], live + in_flight)
+
+    for shard in shards:
+        try:
+            f = safe_open(str(shard), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{shard} is not a readable safetensors file: {e}") from None
+        with f:
+            for key in f.keys():
+                owner, _, attr = key.rpartition(".")
+                layer_name, _, rest = key.partition(".weight.") if ".weight." in key else (None, None, None)
+                if layer_name in target_set:  # a bitsandbytes quantization entry
+                    pending.setdefault(layer_name, {})["weight." + rest] = f.get_tensor(key)
+                    continue
+                if owner in target_set and attr == "weight" and (owner + ".weight.absmax") in f.keys():
+                    pending.setdefault(owner, {})["weight"] = f.get_tensor(key)
+                    continue
+                t = f.get_tensor(key)
+                if owner in target_set and attr == "weight":
+                    layer = model.get_submodule(owner)
+                    stats["largest_dense_bytes"] = max(stats["largest_dense_bytes"], _nbytes(t))
+                    account(_nbytes(t))
+                    w = t.to(device)
+                    if not torch.isfinite(w).all():
+                        raise ValueError(f"{key} has NaN or infinite values; refusing to quantize it")
+                    if isinstance(layer, QuantLoRALinear):
+                        layer._quantize(w)
+                    else:
+                        layer.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+                    del t, w
+                    live = _model_bytes(model)
+                    continue
+                if not _set_tensor(model, key, t, device, dtype):
+                    if not key.endswith("rotary_emb.inv_freq"):
+                        unexpected.append(key)
+                    continue
+                live += _nbytes(t) if not t.is_floating_point() else t.numel() * dtype.itemsize
+                account(0)
+            for name in [n for n, parts in pending.items() if "weight" in parts and "weight.absmax" in parts]:
+                _load_bnb_layer(model.get_submodule(name), pending.pop(name), name, device, config)
+                live = _model_bytes(model)
+                account(0)
+    if pending:
+        raise ValueError(f"incomplete bitsandbytes 4-bit entries for {sorted(pending)[:3]} "
+                         "(a truncated or mixed checkpoint?)")
+    if unexpected:
+        raise ValueError(f"the checkpoint has tensors {type(model).__name__} does not: {unexpected[:5]} "
+                         "(a checkpoint of another architecture?)")
+    if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _fix_meta_buffers(model, hf_config, device)
+    for name, m in model.named_modules():  # fresh adapters (they were shells on meta)
+        if isinstance(m, (QuantLoRALinear, LoRALinear)):
+            m.lora_A.to_empty(device=device)
+            m.lora_B.to_empty(device=device)
+            m.reset_lora_parameters(config.init_lora_weights)
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if missing:
+        raise ValueError(f"the checkpoint in {folder} lacks {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+    model.name_or_path = str(folder)
+    finish_preparation(model, config, device=device, verbose=verbose, n_layers=len(targets))
+    stats["final_bytes"] = _model_bytes(model)
+    stats["peak_bytes"] = max(stats["peak_bytes"], stats["final_bytes"])  # the adapters come last
+    model.qlora_load_stats = stats
+    return model
+
+
+def _load_bnb_layer(layer: nn.Module, parts: dict[str, torch.Tensor], name: str, device, config: QLoRAConfig) -> None:
+    if not isinstance(layer, QuantLoRALinear):
+        raise ValueError(f"{name} is stored 4-bit (bitsandbytes) but quant_type=None asks for a dense base")
+    state = QuantState.from_dict(parts, prefix="weight.", device=device)
+    if tuple(state.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(f"{name}: the stored 4-bit weight is {tuple(state.shape)}, the model expects "
+                         f"{(layer.out_features, layer.in_features)}")
+    state.dtype = layer.compute_dtype
+    layer.quant_type, layer.blocksize, layer.double_quant = state.quant_type, state.blocksize, state.double_quant
+    layer._buffers["weight"] = parts["weight"].to(device)
+    layer.quant_state = state
