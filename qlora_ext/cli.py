@@ -52,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     rep.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     _finetune_parser(sub)
+    est = sub.add_parser("estimate", help="the memory plan of a QLoRA run (nothing is loaded)")
+    est.add_argument("--model", required=True, metavar="DIR|config.json", help="a local model folder or its config.json")
+    est.add_argument("--seq-len", type=int, default=2048)
+    est.add_argument("--batch", type=int, default=1)
+    est.add_argument("--r", type=int, default=16)
+    est.add_argument("--target-modules", default="all-linear")
+    est.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "none"])
+    est.add_argument("--optim", default="paged_adamw_32bit", choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"])
+    est.add_argument("--gpu-gb", type=float, default=None, help="say whether the run fits a GPU of this many GiB")
+    est.add_argument("--json", default=None, metavar="FILE")
     args = parser.parse_args(argv)
 
     try:
@@ -61,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(kernels_in_use(args.device))
             report_main(args.device, args.json)
+        elif args.command == "estimate":
+            from .train.estimate import main_from_args
+
+            main_from_args(args)
         elif args.command == "finetune":
             if args.model is None and args.data is None:
                 from .train.classify import default_job

@@ -1,0 +1,69 @@
+"""qlora-ext estimate: the memory plan against the measured tensor-byte peak of real training steps
+on the CPU (two Llama shapes outside the set its recompute constants were fitted on), exact static
+terms, the GPU-fit verdict, and bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora_ext import QLoRAConfig, prepare_model
+from qlora_ext.cli import main as cli_main
+from qlora_ext.optim import PagedAdamW
+from qlora_ext.train.estimate import estimate, measure_training_peak_cpu, plan_from_model
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("H,I,L,V,S,B", [(96, 288, 3, 3000, 80, 3), (160, 432, 2, 700, 160, 4)])
+def test_plan_matches_measured_peak(H, I, L, V, S, B):
+    cfg = transformers.LlamaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=V, max_position_embeddings=S)
+    qcfg = QLoRAConfig(r=8, compute_dtype=torch.float32)
+    torch.manual_seed(0)
+    model = prepare_model(transformers.LlamaForCausalLM(cfg), qcfg, verbose=False).train()
+    opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, V, (B, S))
+    batch = {"input_ids": ids, "labels": ids}
+    model(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    measured = measure_training_peak_cpu(model, opt, batch)
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(cfg)
+    plan = plan_from_model(meta, cfg, S, B, qcfg)
+    assert abs(plan.total - measured) / measured < 0.10, (plan.total, measured, plan.rows)
+
+
+def test_static_terms_are_exact_and_fit_verdict(tmp_path):
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100)
+    cfg.save_pretrained(tmp_path)
+    plan = estimate(tmp_path, seq_len=32, batch=2, config=QLoRAConfig(r=4))
+    torch.manual_seed(0)
+    model = prepare_model(transformers.LlamaForCausalLM(cfg), QLoRAConfig(r=4), verbose=False)
+    rows = dict(plan.rows)
+    lora = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert rows["LoRA adapters (r=4, float32)"] == lora
+    assert rows["optimizer states (paged_adamw_32bit)"] == 2 * lora == plan.paged_bytes
+    packed = sum(m.weight.numel() + m.quant_state.absmax.numel() + 4 * m.quant_state.nested_absmax.numel() + 1028
+                 for m in model.modules() if hasattr(m, "quant_state"))
+    assert rows["base weights of 14 adapted layers (NF4 + DQ)"] == packed
+    assert plan.fits(plan.total) and not plan.fits(plan.total - plan.paged_bytes - 1)
+
+
+def test_cli_estimate(tmp_path, capsys):
+    cfg = transformers.LlamaConfig(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                                   num_attention_heads=64, num_key_value_heads=64, vocab_size=32000)
+    cfg.save_pretrained(tmp_path)
+    assert cli_main(["estimate", "--model", str(tmp_path), "--r", "64", "--seq-len", "2048", "--gpu-gb", "48",
+                     "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "base weights of 560 adapted layers (NF4 + DQ)" in out and "fits a 48 GiB GPU" in out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    weights = dict((k, v) for k, v in plan["rows"])["base weights of 560 adapted layers (NF4 + DQ)"]
+    assert 32e9 < weights < 35e9  # 64.7B linear weights at ~4.127 bits
+    assert cli_main(["estimate", "--model", str(tmp_path / "none")]) == 2
+    assert "expected a model folder" in capsys.readouterr().err
+    assert cli_main(["estimate", "--model", str(tmp_path), "--seq-len", "0"]) == 2
