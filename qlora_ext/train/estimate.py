@@ -44,11 +44,11 @@ class MemoryPlan:
         return self.total - self.paged_bytes <= gpu_bytes
 
     def format(self, gpu_gb: float | None = None) -> str:
-        lines = [f"{'component':<44}{'GiB':>10}"]
-        lines += [f"{name:<44}{b / 2**30:>10.3f}" for name, b in self.rows]
-        lines.append(f"{'total':<44}{self.total / 2**30:>10.3f}")
+        lines = [f"{'component':<54}{'GiB':>10}"]
+        lines += [f"{name:<54}{b / 2**30:>10.3f}" for name, b in self.rows]
+        lines.append(f"{'total':<54}{self.total / 2**30:>10.3f}")
         if self.paged_bytes:
-            lines.append(f"{'  of which pageable (optimizer states)':<44}{self.paged_bytes / 2**30:>10.3f}")
+            lines.append(f"{'  of which pageable (optimizer states)':<54}{self.paged_bytes / 2**30:>10.3f}")
         if gpu_gb is not None:
             verdict = "fits" if self.fits(int(gpu_gb * 2**30)) else "does NOT fit"
             lines.append(f"{verdict} a {gpu_gb:g} GiB GPU" + (" (optimizer states paged)" if self.paged_bytes else ""))
