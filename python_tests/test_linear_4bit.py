@@ -285,3 +285,66 @@ def test_double_backward():
     packed, state = quantize_4bit(w, blocksize=32)
     x.requires_grad_()
     assert torch.autograd.gradgradcheck(lambda x: qlora_linear(x, packed, state, A, B, 1.0, b), (x,))
+
+
+# ---- rank_scale (AdaLoRA's singular values, MoE-LoRA's gates) -------------------------------------------
+
+def _check_rank_scale(dtype, lead, per_row, device="cpu"):
+    in_f, out_f, r = 96, 70, 6
+    w, x, A, B, b = _operands(lead, in_f, out_f, r, dtype, device)
+    packed, state = quantize_4bit(w, blocksize=32)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32  # gates stay fp32 under 16-bit x
+    s = torch.rand(*(lead if per_row else ()), r, device=device, dtype=sdt) + 0.1
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, s)]
+    y = qlora_linear(leaves[0], packed, state, leaves[1], leaves[2], 0.5, b, rank_scale=leaves[3])
+    g = torch.randn_like(y)
+    y.backward(g)
+    w64 = dequantize_4bit(packed, state, out_dtype=torch.float32).double()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, A, B, s)]
+    y64 = ref.qlora_linear(ref_leaves[0], w64, ref_leaves[1], ref_leaves[2], 0.5, b.double(), rank_scale=ref_leaves[3])
+    y64.backward(g.double())
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 2e-2)
+    assert _rel(y, y64) < tol
+    for got, want in zip(leaves, ref_leaves):
+        assert _rel(got.grad, want.grad) < (tol if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_row", [False, True], ids=["per-rank", "per-row"])
+def test_rank_scale_matches_reference(dtype, per_row):
+    _check_rank_scale(dtype, (3, 5), per_row)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead", [(1,), (2, 2), (3, 70)], ids=["decode1", "decode4", "train210"])
+def test_cuda_rank_scale_matches_reference(cuda_device, dtype, lead):
+    _check_rank_scale(dtype, lead, True, cuda_device)
+
+
+def test_rank_scale_gradcheck_float64():
+    w, x, A, B, b = _operands((4,), 40, 24, 3, torch.float64)
+    packed, state = quantize_4bit(w.float())
+    s = torch.rand(4, 3, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (x, A, B, s)]
+    assert torch.autograd.gradcheck(
+        lambda x, A, B, s: qlora_linear(x, packed, state, A, B, 1.3, b, rank_scale=s), leaves)
+
+
+def test_rank_scale_compiles():
+    w, x, A, B, b = _operands((5,), 64, 32, 4, torch.float32)
+    packed, state = quantize_4bit(w)
+    s = torch.rand(4)
+    f = lambda x, s: qlora_linear(x, packed, state, A, B, 2.0, b, rank_scale=s)  # noqa: E731
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, s), f(x, s))
+
+
+def test_rank_scale_errors():
+    w, x, A, B, b = _operands((5,), 64, 32, 4, torch.float32)
+    packed, state = quantize_4bit(w)
+    with pytest.raises(ValueError, match=r"rank_scale must be \(r,\) = \(4,\) or x's leading dims"):
+        qlora_linear(x, packed, state, A, B, 1.0, rank_scale=torch.ones(3))
+    with pytest.raises(ValueError, match="rank_scale needs lora_A"):
+        qlora_linear(x, packed, state, rank_scale=torch.ones(4))
+    with pytest.raises(TypeError, match="floating-point"):
+        qlora_linear(x, packed, state, A, B, 1.0, rank_scale=torch.ones(4, dtype=torch.long))

@@ -314,8 +314,9 @@ def qlora_linear(
     scaling: float = 1.0,
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    rank_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A QLoRA linear layer: ``y = x W^T + bias + scaling * dropout(x) A^T B^T`` with W 4-bit.
+    """A QLoRA linear layer: ``y = x W^T + bias + scaling * ((dropout(x) A^T) * rank_scale) B^T`` with W 4-bit.
 
     Args:
         x: ``(..., in_features)`` activations, float32/float16/bfloat16 (the compute dtype; float64 on
@@ -326,6 +327,10 @@ def qlora_linear(
         bias: ``(out_features,)`` or None.
         dropout_p: dropout probability on the LoRA branch's input, in [0, 1) (applied whenever > 0:
             pass 0 in evaluation).
+        rank_scale: optional scale of each rank dimension: ``(r,)``, or ``(..., r)`` with x's leading
+            dims (one scale per row and rank dimension: AdaLoRA's singular values, MoE-LoRA's expert
+            gates). It multiplies the r-wide ``dropout(x) A^T`` before the fused op, so every kernel
+            path (decode, training, CPU) serves it; differentiable (its gradient is ``g B * xA^T``).
 
     Returns:
         ``(..., out_features)`` in x's dtype. Differentiable in x, lora_A, lora_B and bias; the backward
@@ -355,6 +360,17 @@ def qlora_linear(
             raise ValueError(f"lora_B must be (out_features, r) = ({out_features}, {r}), got {tuple(lora_B.shape)}")
         _check_same(lora_A, "lora_A", x)
         _check_same(lora_B, "lora_B", x)
+    if rank_scale is not None:
+        if lora_A is None:
+            raise ValueError("rank_scale needs lora_A and lora_B")
+        r = lora_A.shape[0]
+        if rank_scale.shape not in ((r,), (*x.shape[:-1], r)):
+            raise ValueError(f"rank_scale must be (r,) = ({r},) or x's leading dims + (r,) = "
+                             f"{(*x.shape[:-1], r)}, got {tuple(rank_scale.shape)}")
+        if rank_scale.device != x.device:
+            raise ValueError(f"rank_scale is on {rank_scale.device} but x is on {x.device}")
+        if not rank_scale.is_floating_point():
+            raise TypeError(f"rank_scale must be a floating-point tensor, got {rank_scale.dtype}")
     if bias is not None:
         _check_same(bias, "bias", x)
         if tuple(bias.shape) != (out_features,):
@@ -366,7 +382,10 @@ def qlora_linear(
     if lora_A is not None:
         xd = torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2
         # .to(x.dtype): under autocast the matmul returns the autocast dtype; the op computes in x's
-        xa = ((xd @ lora_A.t()) * scaling).to(x.dtype)
+        xa = xd @ lora_A.t()
+        if rank_scale is not None:
+            xa = xa * (rank_scale if rank_scale.dim() == 1 else rank_scale.reshape(-1, rank_scale.shape[-1]))
+        xa = (xa * scaling).to(x.dtype)
         lora_B = lora_B.contiguous()
     if bias is not None:
         bias = bias.contiguous()

@@ -97,13 +97,17 @@ def dequantize_4bit_double(packed, q, nested_absmax, code8, offset, blocksize, q
 
 
 def qlora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
-                 scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                 scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+                 rank_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of :func:`qlora_ext.functional.qlora_linear` over an already dequantized ``weight``
-    (from :func:`dequantize_4bit`), in float64: x W^T + bias + scaling * dropout(x) A^T B^T. Dropout
-    draws from torch's RNG exactly as the fused op does, so a shared seed gives the same mask."""
+    (from :func:`dequantize_4bit`), in float64: x W^T + bias + scaling * ((dropout(x) A^T) * rank_scale) B^T.
+    Dropout draws from torch's RNG exactly as the fused op does, so a shared seed gives the same mask."""
     x64 = x.double()
     y = x64 @ weight.double().t()
     if lora_A is not None:
         xd = torch.nn.functional.dropout(x64, dropout_p) if dropout_p > 0 else x64
-        y = y + scaling * (xd @ lora_A.double().t()) @ lora_B.double().t()
+        xa = xd @ lora_A.double().t()
+        if rank_scale is not None:
+            xa = xa * rank_scale.double()
+        y = y + scaling * xa @ lora_B.double().t()
     return y + bias.double() if bias is not None else y
