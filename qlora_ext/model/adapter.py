@@ -52,24 +52,31 @@ def _write_atomically(path: Path, write) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 *, rank_scales: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes the adapter of a model prepared by :func:`prepare_model` (and its ``modules_to_save``)
-    in PEFT's format to ``directory`` (created if needed); returns the directory.
+    in PEFT's format to ``directory`` (created if needed); returns the directory. A MoE-LoRA model is
+    saved in our MoE format (:func:`save_moe_adapter`) unless ``rank_scales`` fixes one ``(r,)`` scale
+    per layer (folded into lora_B: :func:`export_task_adapter`).
 
     ``base_model_name_or_path`` goes into the config (default: the model's ``name_or_path``)."""
     layers = _lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers: prepare it with qlora_ext.prepare_model first")
     config: QLoRAConfig = getattr(model, "qlora_config", None) or QLoRAConfig(quant_type=None)
+    if rank_scales is None and any(m.rank_scaler is not None for m in layers.values()):
+        from .moe import save_moe_adapter
+        return save_moe_adapter(model, directory)
     if any(m.merged for m in layers.values()):
         raise ValueError("the adapter is merged into the base weights; unmerge() before saving it")
     tensors: dict[str, torch.Tensor] = {}
     for name, m in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+        B = m.lora_B.weight.detach()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = B * rank_scales[name].to(B) if rank_scales else B
     saved_modules = []
     for name, module in model.named_modules():
-        if config.modules_to_save and matches(name, config.modules_to_save) and name not in layers:
+        if config.modules_to_save and matches(name, config.modules_to_save) and name not in layers:  # noqa: SIM102
             saved_modules.append(name.rsplit(".", 1)[-1])
             for k, v in module.state_dict().items():
                 tensors[f"{_PREFIX}{name}.{k}"] = v.detach()

@@ -96,6 +96,9 @@ def finish_preparation(model: nn.Module, config: QLoRAConfig, *, device: torch.d
             raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
     if device is not None:
         model.to(device)
+    post = getattr(config, "post_prepare", None)  # MoE-LoRA gates, AdaLoRA's allocator
+    if post is not None:
+        post(model)
     if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         # non-reentrant: needs no input that requires grad (transformers 5 renamed the method)
         if hasattr(model, "activation_checkpointing_enable"):

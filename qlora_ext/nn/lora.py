@@ -36,7 +36,22 @@ class LoRALayer(nn.Module):
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=lora_dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=lora_dtype)
         self.merged = False
+        self.rank_scaler: nn.Module | None = None  # x -> rank_scale (MoE-LoRA gates), see set_rank_scaler
         self.reset_lora_parameters(init_lora_weights)
+
+    def set_rank_scaler(self, scaler: nn.Module | None, register: bool = True) -> None:
+        """A module mapping this layer's input x to a ``rank_scale`` (``(r,)`` or ``(*x.shape[:-1], r)``)
+        applied to each rank dimension (see :func:`qlora_ext.functional.qlora_linear`). ``register=False``
+        keeps it out of this layer's parameters and state_dict (a gate shared by many layers)."""
+        self._modules.pop("rank_scaler", None)
+        self.__dict__.pop("rank_scaler", None)
+        if register and scaler is not None:
+            self._modules["rank_scaler"] = scaler
+        else:
+            object.__setattr__(self, "rank_scaler", scaler)
+
+    def _rank_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.rank_scaler is None or self.merged else self.rank_scaler(x)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: InitLoRA = "kaiming") -> None:
@@ -48,9 +63,13 @@ class LoRALayer(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``scaling * B A``, the adapter as a dense ``(out_features, in_features)`` weight update."""
-        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+    def delta_weight(self, dtype: torch.dtype = torch.float32, rank_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``scaling * B diag(rank_scale) A``, the adapter as a dense ``(out_features, in_features)``
+        weight update (``rank_scale``: one fixed ``(r,)`` scale, e.g. one task's MoE gate)."""
+        B = self.lora_B.weight.to(dtype)
+        if rank_scale is not None:
+            B = B * rank_scale.to(dtype)
+        return (B @ self.lora_A.weight.to(dtype)) * self.scaling
 
     def _lora_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
         """(A, B, dropout p) in the compute dtype for this forward; no adapter once merged."""
@@ -68,6 +87,9 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if self.rank_scaler is not None:
+            raise ValueError("this layer's adapter is gated per input (MoE-LoRA): merge one task with "
+                             "qlora_ext.merge_task(model, task_id) instead")
         """Adds the adapter into the base weight (forward then skips the LoRA branch)."""
         if self.merged:
             raise RuntimeError("the adapter is already merged")
@@ -83,12 +105,15 @@ class LoRALayer(nn.Module):
         self.merged = False
 
     @torch.no_grad()
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+    def to_linear(self, dtype: torch.dtype | None = None, rank_scale: torch.Tensor | None = None) -> nn.Linear:
         """A dense ``nn.Linear`` computing base + adapter (merged), in ``dtype`` (default: the bias's or
-        float32)."""
+        float32); a gated (MoE) layer needs the fixed ``rank_scale`` to merge."""
+        if self.rank_scaler is not None and rank_scale is None and not self.merged:
+            raise ValueError("this layer's adapter is gated per input (MoE-LoRA): pass the rank_scale to "
+                             "merge (qlora_ext.merge_task does, for one task)")
         bias = getattr(self, "bias", None)
         dtype = dtype or (bias.dtype if bias is not None else torch.float32)
-        weight = self.dense_weight() + (0 if self.merged else self.delta_weight())
+        weight = self.dense_weight() + (0 if self.merged else self.delta_weight(rank_scale=rank_scale))
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
                            dtype=dtype)
         linear.weight.copy_(weight)
@@ -142,4 +167,8 @@ class LoRALinear(LoRALayer):
         if A is None:
             return y
         xd = F.dropout(x, p) if p > 0 else x
-        return y + (xd @ A.t() @ B.t()) * self.scaling
+        xa = xd @ A.t()
+        rs = self._rank_scale(x)
+        if rs is not None:
+            xa = (xa * rs).to(x.dtype)
+        return y + (xa @ B.t()) * self.scaling

@@ -82,7 +82,8 @@ class QuantLoRALinear(LoRALayer):
         cd = self.compute_dtype
         A, B, p = self._lora_operands(cd)
         bias = self.bias.to(cd) if self.bias is not None else None
-        y = qlora_linear(x.to(cd), self.weight, self.quant_state, A, B, self.scaling, bias, p)
+        y = qlora_linear(x.to(cd), self.weight, self.quant_state, A, B, self.scaling, bias, p,
+                         rank_scale=self._rank_scale(x) if A is not None else None)
         return y.to(x.dtype)
 
     # ---- device moves and (de)serialization ---------------------------------------------------------

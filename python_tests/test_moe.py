@@ -1,0 +1,144 @@
+"""MoE-LoRA: task-gated experts on a prepared model (a mixed-task batch gives each sample the logits of
+its own task's exported adapter loaded in PEFT; gradients reach experts and gate; gradient
+checkpointing's recompute sees the same gate), merge_task, our own save format, the token router's
+balance loss against its formula, and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_ext import MoELoRAConfig, export_task_adapter, merge_task, moe_aux_loss, prepare_model, save_adapter
+from qlora_ext.model import load_moe_adapter, set_task
+from qlora_ext.nn.lora import LoRALayer
+from qlora_ext.nn.moe import TokenRouter, balance_loss
+
+transformers = pytest.importorskip("transformers")
+
+
+def _cfg():
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+
+
+@pytest.fixture
+def make():
+    torch.manual_seed(1)
+    state = transformers.LlamaForCausalLM(_cfg()).state_dict()
+
+    def f():
+        m = transformers.LlamaForCausalLM(_cfg())
+        m.load_state_dict(state)
+        return m.eval()
+    return f
+
+
+def _moe(make, quant_type=None, **kw):
+    cfg = MoELoRAConfig(r=8, num_experts=4, num_tasks=3, task_embedding_dim=16, lora_dropout=0.0,
+                        quant_type=quant_type, compute_dtype=torch.float32, **kw)
+    model = prepare_model(make(), cfg, verbose=False).eval()
+    with torch.no_grad():  # non-trivial experts and gate
+        for m in model.modules():
+            if isinstance(m, LoRALayer):
+                m.lora_B.weight.normal_(std=0.2)
+        if hasattr(model, "qlora_task_gate"):
+            model.qlora_task_gate.gate.weight.normal_(std=1.0)
+    return model
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("quant_type", [None, "nf4"])
+def test_mixed_task_batch_equals_each_tasks_peft_adapter(make, tmp_path, quant_type):
+    peft = pytest.importorskip("peft")
+    model = _moe(make, quant_type)
+    ids = torch.randint(0, 128, (3, 10))
+    tasks = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        mixed = model(input_ids=ids, task_ids=tasks).logits
+    for b, t in enumerate(tasks.tolist()):
+        export_task_adapter(model, t, tmp_path / f"task{t}")
+        base = make()
+        with torch.no_grad():  # PEFT's base carries the weights ours computes with
+            for name, m in model.named_modules():
+                if isinstance(m, LoRALayer):
+                    base.get_submodule(name).weight.copy_(m.dense_weight(torch.float32))
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / f"task{t}").eval()
+        with torch.no_grad():
+            assert _rel(mixed[b], theirs(ids[b:b + 1]).logits[0]) <= 1e-5
+        merged = merge_task(model, t)
+        assert not any(isinstance(m, LoRALayer) for m in merged.modules())
+        with torch.no_grad():
+            assert _rel(merged(ids[b:b + 1]).logits[0], mixed[b]) <= 1e-5
+
+
+def test_gradients_reach_experts_and_gate_under_checkpointing(make):
+    model = _moe(make)
+    model.train()
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    ids = torch.randint(0, 128, (2, 12))
+    out = model(input_ids=ids, labels=ids, task_ids=torch.tensor([0, 2]))
+    out.loss.backward()
+    gate = model.qlora_task_gate
+    assert gate.gate.weight.grad is not None and gate.gate.weight.grad.abs().sum() > 0
+    assert gate.task_embedding.weight.grad[[0, 2]].abs().sum() > 0 and gate.task_embedding.weight.grad[1].abs().sum() == 0
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_A" in n}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    # the same gradients without checkpointing: the recompute saw the same gate
+    ref = _moe(make, gradient_checkpointing=False)
+    ref.load_state_dict(model.state_dict())
+    ref.train()
+    ref(input_ids=ids, labels=ids, task_ids=torch.tensor([0, 2])).loss.backward()
+    for n, p in ref.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, dict(model.named_parameters())[n].grad, rtol=1e-5, atol=1e-7)
+
+
+def test_save_and_load_our_format(make, tmp_path):
+    model = _moe(make)
+    save_adapter(model, tmp_path)
+    assert (tmp_path / "moelora_config.json").is_file() and (tmp_path / "moelora_model.safetensors").is_file()
+    again = load_moe_adapter(make(), tmp_path).eval()
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, task_ids=torch.tensor([1, 0])).logits,
+                                   model(input_ids=ids, task_ids=torch.tensor([1, 0])).logits, rtol=0, atol=0)
+
+
+def test_token_router_balance_loss_matches_formula(make):
+    model = _moe(make, router="token", top_k=2, aux_loss_coef=0.05)
+    model.train()
+    ids = torch.randint(0, 128, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    routers = [m for m in model.modules() if isinstance(m, TokenRouter)]
+    assert len(routers) == 14 and all(r.router.weight.grad is not None for r in routers)
+    total = moe_aux_loss(model)
+    assert total is not None and total.requires_grad
+    # the formula by hand on random router outputs
+    probs = torch.softmax(torch.randn(5, 7, 4), -1)
+    top_i = probs.topk(2, -1).indices
+    f = torch.stack([(top_i == i).float().sum() for i in range(4)]) / top_i.numel()
+    P = probs.reshape(-1, 4).mean(0)
+    assert torch.allclose(balance_loss(probs, top_i, 0.05), 0.05 * 4 * (f * P).sum())
+
+
+def test_bad_input(make):
+    with pytest.raises(ValueError, match="not divisible by num_experts"):
+        MoELoRAConfig(r=6, num_experts=4)
+    with pytest.raises(ValueError, match="top_k"):
+        MoELoRAConfig(r=8, num_experts=4, router="token", top_k=5)
+    model = _moe(make)
+    ids = torch.randint(0, 128, (2, 5))
+    with pytest.raises(ValueError, match=r"task_ids must be in \[0, 3\)"):
+        model(input_ids=ids, task_ids=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="needs task ids"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="one task id per sample"):
+        model(input_ids=ids, task_ids=torch.tensor([0, 1, 2]))
+    set_task(model, 1)  # sticky: forwards without task_ids use it (generation)
+    model(input_ids=ids[:1])
+    with pytest.raises(ValueError, match="merge_task"):
+        next(m for m in model.modules() if isinstance(m, LoRALayer)).merge()
+    with pytest.raises(ValueError, match=r"task_id must be in \[0, 3\)"):
+        merge_task(model, 7)

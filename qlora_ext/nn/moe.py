@@ -1,0 +1,96 @@
+"""MoE-LoRA gates: modules mapping a layer's input to a ``rank_scale`` over its r rank dimensions, so
+a rank-r LoRA layer becomes N experts of rank r/N (expert i owns rank dimensions [i r/N, (i+1) r/N))
+with no kernel of its own: the gate multiplies the r-wide x A^T inside the fused op.
+
+- :class:`TaskGate` (MOELoRA, Liu et al. 2024): one gate for the whole model,
+  ``omega = softmax(W_T e_task)`` from a task embedding; every layer reads the current batch's task
+  ids (set on the gate by the model's forward pre-hook, kept until the next forward so gradient
+  checkpointing's recomputation sees the same gate).
+- :class:`TokenRouter` (MixLoRA-style): per layer, ``Linear(in, N)`` in float32, softmax, top-k,
+  renormalized; the Switch/Mixtral balance loss ``coef * N * sum_i f_i P_i`` kept as ``aux_loss``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TaskGate(nn.Module):
+    """``omega = softmax(W_T e_task)``: (num_tasks, dim) embedding, bias-free ``Linear(dim, N)``."""
+
+    def __init__(self, num_tasks: int, embedding_dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.task_embedding = nn.Embedding(num_tasks, embedding_dim)
+        self.gate = nn.Linear(embedding_dim, num_experts, bias=False)
+        nn.init.normal_(self.task_embedding.weight, std=1.0)
+        nn.init.zeros_(self.gate.weight)  # uniform mixture at the start
+        self.task_ids: torch.Tensor | None = None
+
+    def set_task_ids(self, task_ids: torch.Tensor | int | None) -> None:
+        if task_ids is None:
+            self.task_ids = None
+            return
+        t = torch.as_tensor(task_ids, dtype=torch.long, device=self.gate.weight.device).reshape(-1)
+        n = self.task_embedding.num_embeddings
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+            raise ValueError(f"task_ids must be in [0, {n}), got values from {int(t.min())} to {int(t.max())}")
+        self.task_ids = t
+
+    def weights(self, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, N) float32 expert weights of ``task_ids`` (default: the current batch's)."""
+        t = self.task_ids if task_ids is None else task_ids
+        if t is None:
+            raise ValueError("this model's MoE-LoRA gate needs task ids: call model(..., task_ids=LongTensor[batch])")
+        return torch.softmax(self.gate(self.task_embedding(t).float()), dim=-1)
+
+
+def expand_to_rank(omega: torch.Tensor, r: int) -> torch.Tensor:
+    """(..., N) expert weights -> (..., r): each expert's weight on its r/N rank dimensions."""
+    return omega.repeat_interleave(r // omega.shape[-1], dim=-1)
+
+
+class TaskRankScale(nn.Module):
+    """A layer's view of the shared :class:`TaskGate` (not registered: the gate is the model's)."""
+
+    def __init__(self, gate: TaskGate, r: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "gate", gate)
+        self.r = r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = expand_to_rank(self.gate.weights(), self.r)  # (batch, r)
+        if x.dim() == 2 and x.shape[0] == w.shape[0]:
+            return w
+        if x.dim() >= 3 and x.shape[0] == w.shape[0]:
+            return w.reshape(w.shape[0], *([1] * (x.dim() - 2)), self.r).expand(*x.shape[:-1], self.r)
+        raise ValueError(f"task_ids hold {w.shape[0]} entries but the layer's input has batch {x.shape[0]} "
+                         f"(shape {tuple(x.shape)}): pass one task id per sample")
+
+
+class TokenRouter(nn.Module):
+    """Token-routed top-k gate over N experts; ``aux_loss`` holds the last forward's balance loss."""
+
+    def __init__(self, in_features: int, num_experts: int, r: int, top_k: int = 2, aux_loss_coef: float = 0.01,
+                 device=None) -> None:
+        super().__init__()
+        self.router = nn.Linear(in_features, num_experts, bias=False, device=device, dtype=torch.float32)
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.r, self.top_k, self.aux_loss_coef = r, top_k, aux_loss_coef
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.router(x.float()), dim=-1)  # (..., N)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        self.aux_loss = balance_loss(probs, top_i, self.aux_loss_coef)
+        return expand_to_rank(gates, self.r)
+
+
+def balance_loss(probs: torch.Tensor, top_i: torch.Tensor, coef: float) -> torch.Tensor:
+    """Switch/Mixtral load balancing: ``coef * N * sum_i f_i P_i`` with f_i the fraction of routing
+    slots (tokens x top_k) sent to expert i and P_i the mean router probability of expert i."""
+    n = probs.shape[-1]
+    p = probs.reshape(-1, n)
+    f = torch.zeros(n, device=p.device).index_add_(0, top_i.reshape(-1), torch.ones(top_i.numel(), device=p.device))
+    f = f / top_i.numel()
+    return coef * n * (f * p.mean(0)).sum()
