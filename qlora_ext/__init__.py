@@ -17,8 +17,9 @@ except ImportError as e:  # pragma: no cover - only when the package was not bui
 
 from . import _ops  # noqa: F401,E402
 from .functional import QuantState, dequantize_4bit, quantize_4bit  # noqa: E402
-from .model import (MoELoRAConfig, QLoRAConfig, export_task_adapter, load_adapter, load_quantized,  # noqa: E402
-                    merge_and_unload, merge_task, moe_aux_loss, prepare_model, save_adapter, set_task)
+from .model import (AdaLoRAConfig, MoELoRAConfig, QLoRAConfig, adalora_callback, export_task_adapter,  # noqa: E402
+                    load_adapter, load_quantized, merge_and_unload, merge_task, moe_aux_loss, prepare_model,
+                    save_adapter, set_task, update_and_allocate)
 
 __version__ = "0.1.0"
 

@@ -67,6 +67,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     if rank_scales is None and any(m.rank_scaler is not None for m in layers.values()):
         from .moe import save_moe_adapter
         return save_moe_adapter(model, directory)
+    from ..nn.adalora import AdaLoRAMixin
+    if any(isinstance(m, AdaLoRAMixin) for m in layers.values()):
+        from .adalora import save_adalora_adapter
+        return save_adalora_adapter(model, directory)
     if any(m.merged for m in layers.values()):
         raise ValueError("the adapter is merged into the base weights; unmerge() before saving it")
     tensors: dict[str, torch.Tensor] = {}
@@ -110,8 +114,9 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: only LoRA adapters are supported, got peft_type={cfg.get('peft_type')!r}")
+    if not isinstance(cfg, dict) or cfg.get("peft_type") not in ("LORA", "ADALORA"):
+        raise ValueError(f"{path}: only LoRA and AdaLoRA adapters are supported, got "
+                         f"peft_type={cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r}")
     unsupported = {"use_dora": True, "fan_in_fan_out": True}
     for key, bad in unsupported.items():
         if cfg.get(key) == bad:
@@ -119,7 +124,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={cfg['bias']!r} is not supported (only 'none')")
     for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
-        if cfg.get(key):
+        if cfg.get(key) and not (key == "rank_pattern" and cfg["peft_type"] == "ADALORA"):
             raise ValueError(f"{path}: per-layer {key} is not supported yet")
     ours = Path(directory) / QLORA_CONFIG_NAME
     if ours.is_file():
@@ -161,6 +166,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, **config_overri
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     tensors = {k.removeprefix(_PREFIX): v for k, v in tensors.items()}
+    if cfg["peft_type"] == "ADALORA":
+        from .adalora import load_adalora_adapter
+        return load_adalora_adapter(model, cfg, tensors, path, **config_overrides)
     if not _lora_layers(model):
         prepare_model(model, config_from_adapter(cfg, **config_overrides), verbose=False)
     layers = _lora_layers(model)

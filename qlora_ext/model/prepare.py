@@ -82,8 +82,8 @@ def finish_preparation(model: nn.Module, config: QLoRAConfig, *, device: torch.d
         p.requires_grad_(False)
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
-            module.lora_A.weight.requires_grad_(True)
-            module.lora_B.weight.requires_grad_(True)
+            for p in module.trainable_parameters():
+                p.requires_grad_(True)
         elif config.modules_to_save and matches(name, config.modules_to_save):
             for p in module.parameters():
                 p.requires_grad_(True)

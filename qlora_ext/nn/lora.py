@@ -50,6 +50,10 @@ class LoRALayer(nn.Module):
         else:
             object.__setattr__(self, "rank_scaler", scaler)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The adapter's parameters (what prepare_model leaves trainable)."""
+        return [self.lora_A.weight, self.lora_B.weight]
+
     def _rank_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.rank_scaler is None or self.merged else self.rank_scaler(x)
 

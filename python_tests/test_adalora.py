@@ -1,0 +1,166 @@
+"""AdaLoRA: logits equal PEFT's AdaLoraModel for the same weights before and after rank allocation,
+the allocator equals PEFT's (same masks from the same weights and gradients), the budget schedule
+follows its formula at every step and ends at target_r per layer, the Trainer callback drives it,
+adapters load both ways in PEFT's ADALORA format, and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_ext import AdaLoRAConfig, load_adapter, prepare_model, save_adapter, update_and_allocate
+from qlora_ext.model import adalora_callback, orthogonal_regularization
+from qlora_ext.model.adalora import adalora_layers
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj", "up_proj"]
+
+
+def _cfg():
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+
+
+@pytest.fixture
+def make():
+    torch.manual_seed(1)
+    state = transformers.LlamaForCausalLM(_cfg()).state_dict()
+
+    def f():
+        m = transformers.LlamaForCausalLM(_cfg())
+        m.load_state_dict(state)
+        return m
+    return f
+
+
+def _pair(make, total_step=20, tinit=2, tfinal=4, deltaT=2):
+    kw = dict(init_r=6, target_r=2, tinit=tinit, tfinal=tfinal, deltaT=deltaT, total_step=total_step, lora_alpha=8,
+              lora_dropout=0.0, target_modules=TARGETS)
+    ours = prepare_model(make(), AdaLoRAConfig(quant_type=None, gradient_checkpointing=False, **kw), verbose=False)
+    theirs = peft.get_peft_model(make(), peft.AdaLoraConfig(**kw))
+    with torch.no_grad():  # the same random triplets in both
+        for name, m in adalora_layers(ours).items():
+            for part in ("lora_A", "lora_E", "lora_B"):
+                getattr(m, part).normal_(std=0.3)
+                getattr(theirs.base_model.model.get_submodule(name), part)["default"].copy_(getattr(m, part))
+    return ours, theirs
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_logits_and_allocation_equal_peft(make):
+    ours, theirs = _pair(make)
+    ids = torch.randint(0, 128, (2, 9))
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        assert _rel(ours(ids).logits, theirs(ids).logits) <= 1e-5
+    ours.train(), theirs.train()
+    torch.manual_seed(0)
+    budgets = []
+    for step in range(20):
+        batch = torch.randint(0, 128, (2, 9))
+        for m in (ours, theirs):
+            m.zero_grad()
+            m(input_ids=batch, labels=batch).loss.backward()
+        # identical gradients in both (the allocator's inputs), then both allocators
+        for name, m in adalora_layers(ours).items():
+            for part in ("lora_A", "lora_E", "lora_B"):
+                getattr(theirs.base_model.model.get_submodule(name), part)["default"].grad = getattr(m, part).grad.clone()
+        update_and_allocate(ours, step)
+        theirs.base_model.update_and_allocate(step)
+        budgets.append(sum(int((m.lora_E != 0).sum()) for m in adalora_layers(ours).values()))
+        for name, m in adalora_layers(ours).items():
+            assert torch.equal(m.lora_E, theirs.base_model.model.get_submodule(name).lora_E["default"]), (step, name)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        assert _rel(ours(ids).logits, theirs(ids).logits) <= 1e-5
+    n = len(adalora_layers(ours))
+    assert budgets[-1] == 2 * n  # target_r per layer after total_step
+    assert budgets[0] == 6 * n and min(budgets) == 2 * n
+
+
+def test_budget_schedule_formula(make):
+    ours, _ = _pair(make, total_step=30, tinit=3, tfinal=5, deltaT=4)
+    alloc = ours.qlora_rank_allocator
+    n = len(adalora_layers(ours))
+    for step in range(40):
+        budget, mask = alloc.budget_schedule(step)
+        if step <= 3:
+            assert (budget, mask) == (6 * n, False)
+        elif step > 25:
+            assert (budget, mask) == (2 * n, True)
+        else:
+            assert budget == int((6 * n - 2 * n) * (1 - (step - 3) / 22) ** 3 + 2 * n) and mask == (step % 4 == 0)
+
+
+def test_orth_reg_added_to_loss(make):
+    ours, _ = _pair(make)
+    ids = torch.randint(0, 128, (1, 6))
+    ours.train()
+    with_reg = ours(input_ids=ids, labels=ids).loss
+    ours.qlora_config.orth_reg_weight = 0.0
+    plain = ours(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(with_reg - plain, 0.5 * orthogonal_regularization(ours))
+
+
+def test_trainer_callback_drives_the_budget_to_target(make, tmp_path):
+    ours = prepare_model(make(), AdaLoRAConfig(init_r=6, target_r=2, total_step=8, tinit=1, tfinal=2, target_modules=TARGETS,
+                                                quant_type="nf4", compute_dtype=torch.float32), verbose=False)
+    ids = torch.randint(0, 128, (32, 8))
+    data = [{"input_ids": r, "labels": r} for r in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                          disable_tqdm=True)
+    transformers.Trainer(model=ours, args=args, train_dataset=data, callbacks=[adalora_callback(ours)]).train()
+    kept = [int((m.lora_E != 0).sum()) for m in adalora_layers(ours).values()]
+    assert sum(kept) == 2 * len(kept)
+
+
+def test_adapters_load_both_ways(make, tmp_path):
+    ours, theirs = _pair(make, total_step=6, tinit=0, tfinal=1, deltaT=1)
+    ours.train()
+    for step in range(6):
+        ids = torch.randint(0, 128, (2, 8))
+        ours.zero_grad()
+        ours(input_ids=ids, labels=ids).loss.backward()
+        update_and_allocate(ours, step)
+    save_adapter(ours, tmp_path / "ours")
+    ids = torch.randint(0, 128, (2, 9))
+    peft_loaded = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
+    ours_loaded = load_adapter(make(), tmp_path / "ours", quant_type=None).eval()
+    ours.eval()
+    with torch.no_grad():  # both slice to the rank pattern (scaling kept): the trained model's logits
+        want = ours(ids).logits
+        assert _rel(ours_loaded(ids).logits, want) <= 1e-5 and _rel(peft_loaded(ids).logits, want) <= 1e-5
+    theirs.base_model.peft_config["default"].rank_pattern = {
+        f"{n}.lora_E": [True, False] * 3 for n in adalora_layers(ours)}
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = load_adapter(make(), tmp_path / "theirs", quant_type=None).eval()
+    peft_back = peft.PeftModel.from_pretrained(make(), tmp_path / "theirs").eval()
+    assert all(m.r == 3 for m in adalora_layers(back).values())
+    with torch.no_grad():
+        assert _rel(back(ids).logits, peft_back(ids).logits) <= 1e-5
+
+
+def test_bad_input(make, tmp_path):
+    with pytest.raises(ValueError, match="total_step"):
+        AdaLoRAConfig()
+    with pytest.raises(ValueError, match="target_r"):
+        AdaLoRAConfig(init_r=4, target_r=8, total_step=10)
+    with pytest.raises(ValueError, match="tinit"):
+        AdaLoRAConfig(total_step=10, tinit=8, tfinal=2)
+    ours, _ = _pair(make)
+    with pytest.raises(ValueError, match="no gradient"):
+        update_and_allocate(ours, 0)
+    with pytest.raises(ValueError, match="no AdaLoRA layers"):
+        update_and_allocate(make(), 0)
+    save_adapter(ours, tmp_path)
+    import json
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {k: v[:4] for k, v in cfg["rank_pattern"].items()}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rank_pattern for .* has 4 entries"):
+        load_adapter(make(), tmp_path, quant_type=None)
