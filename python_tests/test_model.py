@@ -210,7 +210,7 @@ def test_adapter_mismatches_and_broken_files(llama, tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         load_adapter(make(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(ValueError, match="only LoRA adapters"):
+    with pytest.raises(ValueError, match="only LoRA and AdaLoRA adapters are supported, got peft_type=.IA3."):
         load_adapter(make(), tmp_path)
 
 
