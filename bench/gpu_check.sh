@@ -3,6 +3,7 @@
 # included), every benchmark in bench/, logs and JSON under $OUT (or the folder given), a short
 # table printed last. From the repository root:   bash bench/gpu_check.sh [OUT_DIR]
 # Carried wheels in .whl/ (bitsandbytes, torchao: ../shared/gpu/fetch-wheels.sh) are installed first.
+# GPU_CHECK_QUICK=1: build, CUDA tests and the short benchmarks only (moe, optimizer, estimate).
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-bench/out}}
 mkdir -p "$OUT_DIR"
@@ -41,6 +42,11 @@ if [ "${GPU_CHECK_CPU_TESTS:-0}" = 1 ]; then  # CI runs these; on the lent GPU t
   python3 -m pytest python_tests -m "not cuda" -q --tb=short -rfE --maxfail=30 -p no:cacheprovider 2>&1 | tee -a "$OUT_DIR/pytest.log" | tail -15
 fi
 
+if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
+  for b in optim_speed moe_speed estimate_check; do python3 bench/$b.py 2>&1 | tee -a "$OUT_DIR/quick.txt" | tail -6; done
+  exit 0
+fi
+
 echo "== benchmarks"
 python3 -m pytest bench/bench_quantize.py -q -p no:cacheprovider --benchmark-enable \
   --benchmark-json=/tmp/bench_quantize.json --benchmark-columns=median,iqr,rounds 2>&1 | grep -E "^test_|passed|failed" | tail -12
@@ -49,4 +55,6 @@ python3 bench/linear_speed.py --json "$OUT_DIR/linear_speed.json" 2>&1 | tee "$O
 echo "== where the time goes: wall vs GPU-busy vs CUDA graph, decode kernel on/off, optimizer kernels"
 python3 bench/profile_gpu.py --json "$OUT_DIR/profile.json" 2>&1 | grep -v Warning | tee "$OUT_DIR/profile.txt" | tail -60
 python3 bench/optim_speed.py 2>&1 | tee -a "$OUT_DIR/linear_speed.txt" | tail -5  # (8 files come back at most)
+python3 bench/moe_speed.py 2>&1 | tee -a "$OUT_DIR/linear_speed.txt" | tail -4
+python3 bench/estimate_check.py 2>&1 | tee -a "$OUT_DIR/linear_speed.txt" | tail -5
 python3 bench/quant_speed.py --json "$OUT_DIR/quant_speed.json" 2>&1 | tee "$OUT_DIR/quant_speed.txt"

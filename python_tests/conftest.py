@@ -49,3 +49,44 @@ def random_weight(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
         if flat.numel() >= 8192:
             flat[4096:8192] = 0
     return w.to(dtype)
+
+
+def tiny_llama_config(**overrides):
+    """A 2-layer Llama small enough for CPU tests (64 hidden, 4 heads / 2 KV heads, vocab 128)."""
+    import transformers
+
+    kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=128, max_position_embeddings=64)
+    return transformers.LlamaConfig(**{**kw, **overrides})
+
+
+@pytest.fixture
+def make_tiny_llama():
+    """make(): a fresh tiny Llama with the same random weights every call (one draw per test)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    state = transformers.LlamaForCausalLM(tiny_llama_config()).state_dict()
+
+    def make():
+        m = transformers.LlamaForCausalLM(tiny_llama_config())
+        m.load_state_dict(state)
+        return m
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    """A small Llama (random weights) with a real tokenizer (all-MiniLM-L6-v2's WordPiece), saved locally."""
+    transformers = pytest.importorskip("transformers")
+    from qlora_ext.quant_report import minilm_path
+    try:
+        tok_dir = minilm_path().parent
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    d = tmp_path_factory.mktemp("tiny-lm")
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_llama_config(hidden_size=32, intermediate_size=64, vocab_size=tok.vocab_size,
+                                                    max_position_embeddings=128)).save_pretrained(d)
+    return d

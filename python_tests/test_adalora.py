@@ -17,21 +17,9 @@ peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 
 
-def _cfg():
-    return transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-
-
 @pytest.fixture
-def make():
-    torch.manual_seed(1)
-    state = transformers.LlamaForCausalLM(_cfg()).state_dict()
-
-    def f():
-        m = transformers.LlamaForCausalLM(_cfg())
-        m.load_state_dict(state)
-        return m
-    return f
+def make(make_tiny_llama):
+    return make_tiny_llama
 
 
 def _pair(make, total_step=20, tinit=2, tfinal=4, deltaT=2):

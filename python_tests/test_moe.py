@@ -15,21 +15,9 @@ from qlora_ext.nn.moe import TokenRouter, balance_loss
 transformers = pytest.importorskip("transformers")
 
 
-def _cfg():
-    return transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-
-
 @pytest.fixture
-def make():
-    torch.manual_seed(1)
-    state = transformers.LlamaForCausalLM(_cfg()).state_dict()
-
-    def f():
-        m = transformers.LlamaForCausalLM(_cfg())
-        m.load_state_dict(state)
-        return m.eval()
-    return f
+def make(make_tiny_llama):
+    return lambda: make_tiny_llama().eval()
 
 
 def _moe(make, quant_type=None, **kw):

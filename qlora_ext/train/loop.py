@@ -76,7 +76,8 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
           optimizer: torch.optim.Optimizer, steps: int, *, grad_accum: int = 1, state: LoopState | None = None,
           eval_every: int = 0, evaluate: Callable[[], dict] | None = None, log_path: str | None = None,
           save: Callable[[LoopState], None] | None = None, device: torch.device | None = None,
-          progress: bool = True, desc: str = "train", max_grad_norm: float | None = 1.0) -> LoopState:
+          progress: bool = True, desc: str = "train", max_grad_norm: float | None = 1.0,
+          after_step: Callable[[int], None] | None = None) -> LoopState:
     """Runs optimizer steps ``state.step .. steps - 1``; each step averages ``grad_accum`` micro-batches
     from ``batches`` (dicts of tensors; ``"num_tokens"`` counts tokens for the rate). Returns the state.
     ``batches`` must already be positioned at ``state.step * grad_accum`` when resuming.
@@ -106,6 +107,8 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 optimizer.step()
+                if after_step is not None:  # e.g. AdaLoRA's allocator: needs the gradients, 0-based step
+                    after_step(state.step)
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.losses.append(total)
