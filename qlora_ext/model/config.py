@@ -29,6 +29,12 @@ class QLoRAConfig:
             by name as ``target_modules``; kept in float32.
         gradient_checkpointing: turn on the model's gradient checkpointing (transformers models).
         init_lora_weights: ``"kaiming"`` (PEFT's default) or ``"gaussian"``.
+        chunked_loss, loss_chunk_size: compute the causal-LM loss over chunks of tokens, never holding
+            the ``tokens x vocab`` logits (:mod:`qlora_ext.memory.chunked_loss`).
+        chunked_mlp, mlp_chunk_size: run each decoder layer's MLP over sequence chunks, never holding
+            ``tokens x intermediate`` activations.
+        offload_activations: keep the checkpointed layer inputs in pinned CPU memory (needs
+            ``gradient_checkpointing``).
     """
 
     r: int = 16
@@ -43,6 +49,11 @@ class QLoRAConfig:
     modules_to_save: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = True
     init_lora_weights: str = "kaiming"
+    chunked_loss: bool = False
+    loss_chunk_size: int = 1024
+    chunked_mlp: bool = False
+    mlp_chunk_size: int = 2048
+    offload_activations: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -59,6 +70,11 @@ class QLoRAConfig:
         if self.compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"compute_dtype must be float32, float16 or bfloat16, got {self.compute_dtype}")
         self.modules_to_save = list(self.modules_to_save or [])
+        if self.loss_chunk_size <= 0 or self.mlp_chunk_size <= 0:
+            raise ValueError(f"loss_chunk_size and mlp_chunk_size must be > 0, got {self.loss_chunk_size} and "
+                             f"{self.mlp_chunk_size}")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("offload_activations needs gradient_checkpointing=True (it offloads the checkpointed inputs)")
 
     def lora_kwargs(self) -> dict:
         """Keyword arguments of the layer constructors (``from_linear``)."""

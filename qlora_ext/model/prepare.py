@@ -105,6 +105,7 @@ def finish_preparation(model: nn.Module, config: QLoRAConfig, *, device: torch.d
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _memory_options(model, config)
     model.qlora_config = config
     trainable, total = count_parameters(model)
     model.qlora_trainable = (trainable, total)
@@ -112,6 +113,19 @@ def finish_preparation(model: nn.Module, config: QLoRAConfig, *, device: torch.d
         print(f"qlora_ext: {n_layers} layers -> {cls.__name__} (r={config.r}); trainable params: "
               f"{trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
     return model
+
+
+def _memory_options(model: nn.Module, config: QLoRAConfig) -> None:
+    from .. import memory
+
+    if config.chunked_loss:
+        memory.enable_chunked_loss(model, config.loss_chunk_size)
+    if config.chunked_mlp:
+        memory.enable_chunked_mlp(model, config.mlp_chunk_size)
+    if config.offload_activations:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"offload_activations: {type(model).__name__} does not support gradient checkpointing")
+        memory.enable_activation_offload(model)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -67,7 +67,10 @@ def run(moe: bool, tasks, *, steps: int, r: int = 8, num_experts: int = 4, batch
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     common = dict(r=r, lora_alpha=2 * r, lora_dropout=0.05, compute_dtype=compute, modules_to_save=["heads"],
                   gradient_checkpointing=False)
-    config = (MoELoRAConfig(num_experts=num_experts, num_tasks=len(tasks), task_embedding_dim=32, **common)
+    # the gate's weights sum to 1 over the N experts: lora_alpha * N starts a uniform gate at the shared
+    # LoRA's scale (same learning rate, a fair comparison)
+    config = (MoELoRAConfig(num_experts=num_experts, num_tasks=len(tasks), task_embedding_dim=32,
+                            **{**common, "lora_alpha": 2 * r * num_experts})
               if moe else QLoRAConfig(**common))
     prepare_model(model, config, device=device, verbose=False)
     opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)

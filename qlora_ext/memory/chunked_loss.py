@@ -1,0 +1,108 @@
+"""The causal-LM loss computed in chunks of tokens: ``lm_head`` and cross-entropy per chunk, in the
+forward and again (recomputed) in the backward, so the ``tokens x vocab`` logits — and their float32
+upcast — never exist. Same value and gradients as transformers' loss (label shift, ``ignore_index``
+-100, mean over the valid tokens or ``/ num_items_in_batch``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IGNORE = -100
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk, denom):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            logits = F.linear(h[s:s + chunk], weight, bias).float()
+            t = targets[s:s + chunk]
+            valid = t != IGNORE
+            picked = logits.gather(1, t.clamp_min(0)[:, None])[:, 0]
+            total += ((torch.logsumexp(logits, -1) - picked) * valid).sum()
+        ctx.save_for_backward(h, weight, bias, targets)
+        ctx.chunk, ctx.denom = chunk, denom
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        scale = g / ctx.denom
+        for s in range(0, h.shape[0], ctx.chunk):
+            hc = h[s:s + ctx.chunk]
+            logits = F.linear(hc, weight, bias)
+            t = targets[s:s + ctx.chunk]
+            valid = (t != IGNORE)[:, None]
+            d = torch.softmax(logits.float(), -1)  # d loss / d logits = softmax - onehot, per valid token
+            d.scatter_add_(1, t.clamp_min(0)[:, None], torch.full_like(d[:, :1], -1.0))
+            d = (d * valid * scale).to(logits.dtype)
+            if need_h:
+                grad_h[s:s + ctx.chunk] = d @ weight
+            if need_w:
+                grad_w += d.t().float() @ hc.float()
+            if need_b:
+                grad_b += d.float().sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
+                None, None, None)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          bias: torch.Tensor | None = None, chunk_size: int = 1024,
+                          num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """transformers' causal-LM loss of ``lm_head(hidden)`` against ``labels`` (B, S), chunked: tokens t
+    predict labels t + 1, -100 is ignored, the mean is over valid tokens (or the sum over
+    ``num_items_in_batch``)."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must share (batch, seq)")
+    targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(hidden.device)
+    vocab = weight.shape[0]
+    if bool(((targets >= vocab) | ((targets < 0) & (targets != IGNORE))).any()):
+        raise ValueError(f"labels must be token ids in [0, {vocab}) or {IGNORE}")
+    n_valid = int((targets != IGNORE).sum())  # (no valid token: NaN, as transformers' mean gives)
+    denom = float(num_items_in_batch) if num_items_in_batch is not None else (float(n_valid) if n_valid else float("nan"))
+    return _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets, chunk_size, denom)
+
+
+def enable_chunked_loss(model: nn.Module, chunk_size: int = 1024) -> None:
+    """Makes ``model(input_ids=..., labels=...)`` of a transformers causal LM compute its loss with
+    :func:`chunked_cross_entropy`. The labels are taken from the call, the logits are computed for the
+    last position only (``outputs.logits`` is ``(batch, 1, vocab)``: the full logits are what is
+    avoided), and ``outputs.loss`` is set from the final hidden states."""
+    if chunk_size <= 0:
+        raise ValueError(f"loss_chunk_size must be > 0, got {chunk_size}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None) or getattr(model, "model", None)
+    if head is None or base is None or base is model:
+        raise ValueError(f"chunked_loss needs a transformers causal LM (an output embedding and a base model); "
+                         f"{type(model).__name__} has none")
+    state: dict = {}
+
+    def take_labels(module, args, kwargs):
+        state.clear()
+        if kwargs.get("labels") is not None:
+            state["labels"] = kwargs.pop("labels")
+            state["num_items"] = kwargs.pop("num_items_in_batch", None)
+            kwargs.setdefault("logits_to_keep", 1)
+        return args, kwargs
+
+    def keep_hidden(module, args, output):
+        if "labels" in state:
+            state["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def set_loss(module, args, output):
+        if "labels" in state:
+            output.loss = chunked_cross_entropy(state.pop("hidden"), head.weight, state.pop("labels"), head.bias,
+                                                chunk_size, state.pop("num_items"))
+            output["loss"] = output.loss
+        return output
+
+    model.register_forward_pre_hook(take_labels, with_kwargs=True)
+    base.register_forward_hook(keep_hidden)
+    model.register_forward_hook(set_loss)
