@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--target-modules", default="all-linear")
     est.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "none"])
     est.add_argument("--optim", default="paged_adamw_32bit", choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"])
-    est.add_argument("--gpu-gb", type=float, default=None, help="say whether the run fits a GPU of this many GiB")
+    est.add_argument("--gpu-gb", type=float, default=None,
+                     help="say whether the run fits a GPU of this many GiB, and the longest sequence that does")
+    est.add_argument("--chunked-loss", action="store_true", help="plan with the chunked causal-LM loss")
+    est.add_argument("--chunked-mlp", action="store_true", help="plan with the sequence-chunked MLP")
+    est.add_argument("--offload", action="store_true", help="plan with checkpointed inputs offloaded to pinned CPU memory")
     est.add_argument("--json", default=None, metavar="FILE")
     args = parser.parse_args(argv)
 

@@ -34,6 +34,7 @@ _RECOMPUTE = (0.0267, 6.72, 16.99, 1.03, 4.26e4)
 class MemoryPlan:
     rows: list[tuple[str, int]]  # (component, bytes)
     paged_bytes: int  # of which optimizer states in unified memory (can be paged out under pressure)
+    host_bytes: int = 0  # offloaded activations in pinned host memory (not in the total)
 
     @property
     def total(self) -> int:
@@ -49,6 +50,8 @@ class MemoryPlan:
         lines.append(f"{'total':<54}{self.total / 2**30:>10.3f}")
         if self.paged_bytes:
             lines.append(f"{'  of which pageable (optimizer states)':<54}{self.paged_bytes / 2**30:>10.3f}")
+        if self.host_bytes:
+            lines.append(f"{'pinned host memory (offloaded layer inputs)':<54}{self.host_bytes / 2**30:>10.3f}")
         if gpu_gb is not None:
             verdict = "fits" if self.fits(int(gpu_gb * 2**30)) else "does NOT fit"
             lines.append(f"{verdict} a {gpu_gb:g} GiB GPU" + (" (optimizer states paged)" if self.paged_bytes else ""))
@@ -109,19 +112,40 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
     L, heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
     T, S, B = seq_len * batch, seq_len, batch
     ckpt = L * T * H * 4 + T * H * 4
-    loss_phase = 3 * T * V * 4 + 2 * T * H * 4
+    host = 0
+    if config.offload_activations:  # the layer inputs live in pinned host memory; one layer's comes back
+        host, ckpt = L * T * H * 4, 2 * T * H * 4
+    # the loss: 3 logits-sized float32 tensors, or 3 chunk-sized ones (+ the chunk's float copy)
+    loss_tokens = min(T, config.loss_chunk_size) if config.chunked_loss else T
+    loss_phase = 3 * loss_tokens * V * 4 + 2 * T * H * 4
     a, b, c, d, e = _RECOMPUTE
-    layer_phase = int(a * B * heads * S * S * 4 + b * T * I * 4 + c * T * H * 4 + d * I * H * 4 + e)
+    mlp_tokens = min(S, config.mlp_chunk_size) * B if config.chunked_mlp else T
+    layer_phase = int(a * B * heads * S * S * 4 + b * mlp_tokens * I * 4 + c * T * H * 4 + d * I * H * 4 + e)
     opt = _optimizer_bytes(lora_sizes, optim)
     quant = f"{config.quant_type.upper()}{' + DQ' if config.double_quant else ''}" if config.quant_type else "fp32"
     rows = [(f"base weights of {len(targets)} adapted layers ({quant})", weights),
             ("other parameters (float32: embeddings, norms, head)", other),
             (f"LoRA adapters (r={config.r}, float32)", lora), ("LoRA gradients", lora),
             (f"optimizer states ({optim})", opt),
-            (f"checkpointed layer inputs ({L} x {T} tokens)", ckpt),
-            ("peak transient: " + ("loss (logits)" if loss_phase >= layer_phase else "one layer's recompute"),
+            (f"checkpointed layer inputs ({L} x {T} tokens)" + (", offloaded: one on the GPU" if host else ""), ckpt),
+            ("peak transient: " + ("loss (logits)" if loss_phase >= layer_phase else "one layer's recompute")
+             + (", chunked" if (config.chunked_loss if loss_phase >= layer_phase else config.chunked_mlp) else ""),
              max(loss_phase, layer_phase))]
-    return MemoryPlan(rows, paged_bytes=opt if optim.startswith("paged") else 0)
+    return MemoryPlan(rows, paged_bytes=opt if optim.startswith("paged") else 0, host_bytes=host)
+
+
+def longest_context(model: nn.Module, hf_config, gpu_bytes: int, config: QLoRAConfig, batch: int = 1,
+                    optim: str = "paged_adamw_32bit") -> int:
+    """The longest sequence (tokens, up to the model's positions) whose plan fits ``gpu_bytes``; 0 if none."""
+    hi = int(getattr(hf_config, "max_position_embeddings", 1 << 20))
+    fits = lambda s: plan_from_model(model, hf_config, s, batch, config, optim).fits(gpu_bytes)  # noqa: E731
+    if not fits(1):
+        return 0
+    lo = 1
+    while lo < hi:  # the plan grows with the sequence: bisect
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def estimate(model: str | Path, seq_len: int = 2048, batch: int = 1, config: QLoRAConfig | None = None,
@@ -130,6 +154,9 @@ def estimate(model: str | Path, seq_len: int = 2048, batch: int = 1, config: QLo
     if seq_len <= 0 or batch <= 0:
         raise ValueError(f"seq_len and batch must be positive, got {seq_len} and {batch}")
     meta, hf_config = _meta_model(model)
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise ValueError(f"seq_len={seq_len} is longer than the model's {positions} positions")
     return plan_from_model(meta, hf_config, seq_len, batch, config or QLoRAConfig(), optim)
 
 
@@ -169,9 +196,16 @@ def main_from_args(args) -> MemoryPlan:
     targets = args.target_modules
     if targets != "all-linear" and ("," in targets or targets.isidentifier()):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    config = QLoRAConfig(r=args.r, target_modules=targets, quant_type=None if args.quant_type == "none" else args.quant_type)
+    config = QLoRAConfig(r=args.r, target_modules=targets, quant_type=None if args.quant_type == "none" else args.quant_type,
+                         chunked_loss=args.chunked_loss, chunked_mlp=args.chunked_mlp,
+                         offload_activations=args.offload)
     plan = estimate(args.model, args.seq_len, args.batch, config, args.optim)
     print(plan.format(args.gpu_gb))
+    if args.gpu_gb is not None:
+        meta, hf_config = _meta_model(args.model)
+        longest = longest_context(meta, hf_config, int(args.gpu_gb * 2**30), config, args.batch, args.optim)
+        print(f"longest sequence that fits {args.gpu_gb:g} GiB at batch {args.batch}: {longest:,} tokens"
+              + (" (the model's position limit)" if longest == getattr(hf_config, "max_position_embeddings", -1) else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": plan.rows, "total": plan.total, "paged": plan.paged_bytes,
                                                "fits": plan.fits(int(args.gpu_gb * 2**30)) if args.gpu_gb else None},
