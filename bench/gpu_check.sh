@@ -56,5 +56,9 @@ echo "== where the time goes: wall vs GPU-busy vs CUDA graph, decode kernel on/o
 python3 bench/profile_gpu.py --json "$OUT_DIR/profile.json" 2>&1 | grep -v Warning | tee "$OUT_DIR/profile.txt" | tail -60
 python3 bench/optim_speed.py 2>&1 | tee -a "$OUT_DIR/linear_speed.txt" | tail -5  # (8 files come back at most)
 python3 bench/moe_speed.py 2>&1 | tee -a "$OUT_DIR/linear_speed.txt" | tail -4
+echo "== headline (time-boxed): 65B and 8B shapes under a 48 GiB cap, 7B end-to-end"
+timeout 300 python3 bench/memory_65b.py --shape 65b --seqs 512,2048 --search --json "$OUT_DIR/memory_65b.json" 2>&1 | tail -8
+timeout 150 python3 bench/memory_65b.py --shape 8b --seqs 2048 --search --no-bnb 2>&1 | tail -4
+timeout 150 python3 bench/e2e_train.py --shape 7b 2>&1 | tail -5
 python3 bench/estimate_check.py 2>&1 | tee -a "$OUT_DIR/linear_speed.txt" | tail -5
 python3 bench/quant_speed.py --json "$OUT_DIR/quant_speed.json" 2>&1 | tee "$OUT_DIR/quant_speed.txt"

@@ -204,3 +204,44 @@ def _load_bnb_layer(layer: nn.Module, parts: dict[str, torch.Tensor], name: str,
     layer.quant_type, layer.blocksize, layer.double_quant = state.quant_type, state.blocksize, state.double_quant
     layer._buffers["weight"] = parts["weight"].to(device)
     layer.quant_state = state
+
+
+@torch.no_grad()
+def build_random_quantized(hf_config, config: QLoRAConfig | None = None, *, device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.bfloat16, auto_class: str = "AutoModelForCausalLM",
+                           std: float = 0.02, verbose: bool = False) -> nn.Module:
+    """A model of ``hf_config``'s shape with random weights (N(0, std)), prepared for QLoRA without the
+    dense model ever existing: built on the meta device, then one module at a time materialized on
+    ``device``, filled, and (for target layers) quantized before the next — for benchmarks of shapes
+    whose dense weights would not fit (LLaMA-65B on one GPU)."""
+    import transformers
+
+    config = config or QLoRAConfig()
+    device = torch.device(device)
+    hf_config.dtype = dtype
+    with torch.device("meta"):
+        model = getattr(transformers, auto_class).from_config(hf_config)
+    targets = set(find_targets(model, config.target_modules, config.modules_to_save))
+    layer_cls = QuantLoRALinear if config.quant_type is not None else LoRALinear
+    for name in sorted(targets):
+        lin = model.get_submodule(name)
+        w = torch.empty(lin.out_features, lin.in_features, device=device, dtype=dtype).normal_(0.0, std)
+        dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        dense.weight = nn.Parameter(w, requires_grad=False)
+        if lin.bias is not None:
+            dense.bias = nn.Parameter(torch.zeros(lin.out_features, device=device, dtype=dtype), requires_grad=False)
+        _set_submodule(model, name, layer_cls.from_linear(dense, **config.lora_kwargs()))
+        del w, dense
+    for name, m in model.named_modules():
+        if name in targets or any(name.startswith(t + ".") for t in targets):
+            continue
+        for pname, p in list(m.named_parameters(recurse=False)):
+            if p.is_meta:
+                t = torch.empty(p.shape, device=device, dtype=dtype)
+                t.fill_(1.0) if "norm" in pname or "norm" in name else t.normal_(0.0, std)
+                m._parameters[pname] = nn.Parameter(t, requires_grad=False)
+    if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _fix_meta_buffers(model, hf_config, device)
+    finish_preparation(model, config, device=device, verbose=verbose, n_layers=len(targets))
+    return model

@@ -1,0 +1,214 @@
+"""The headline benchmark: QLoRA training of a LLaMA-65B shape (80 layers, hidden 8192, MLP 22016, 64
+heads, vocab 32000; r=64 on all linears) and a Llama-3-8B shape (GQA 8 KV heads, vocab 128256, r=32)
+under a GPU memory cap (default 48 GiB, torch.cuda.set_per_process_memory_fraction), built with random
+weights layer by layer on the GPU (meta device -> one layer materialized -> quantized; never the dense
+model). Peak memory, step time and tokens/s at the given sequence lengths, then a bisection for the
+longest sequence that trains under the cap; bitsandbytes + PEFT (dense bf16 layers quantized one at a
+time by bitsandbytes, PEFT LoRA, its paged AdamW) in the same run when installed. A table, JSON, and a
+PNG plot of memory vs sequence length when matplotlib is installed.
+
+    python bench/memory_65b.py --shape 65b [--cap-gb 48] [--seqs 512,2048] [--search] [--json F] [--plot F]
+    python bench/memory_65b.py --shape tiny --device cpu      # the CPU smoke test (python_tests)
+
+Our options: chunked loss, chunked MLP and activation offload on (--plain turns them off).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import format_table  # noqa: E402
+
+import qlora_ext  # noqa: E402
+from qlora_ext import QLoRAConfig  # noqa: E402
+from qlora_ext.model.loading import build_random_quantized  # noqa: E402
+from qlora_ext.optim import PagedAdamW  # noqa: E402
+
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, r, positions
+    "65b": (8192, 22016, 80, 64, 64, 32000, 64, 131072),
+    "8b": (4096, 14336, 32, 32, 8, 128256, 32, 262144),
+    "7b": (4096, 11008, 32, 32, 32, 32000, 64, 131072),
+    "tiny": (64, 172, 2, 4, 2, 300, 8, 4096),
+}
+
+
+def hf_config(shape: str):
+    import transformers
+
+    H, I, L, heads, kv, V, _, pos = SHAPES[shape]
+    return transformers.LlamaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=heads,
+                                    num_key_value_heads=kv, vocab_size=V, max_position_embeddings=pos,
+                                    rope_theta=500000.0)
+
+
+def build_ours(shape: str, device: str, plain: bool, quant_type: str | None = "nf4"):
+    """Ours (quant_type=None: a bf16 LoRA over a dense bf16 base, the unquantized reference)."""
+    r = SHAPES[shape][6]
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = QLoRAConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, compute_dtype=compute, quant_type=quant_type,
+                      chunked_loss=not plain, loss_chunk_size=2048, chunked_mlp=not plain, mlp_chunk_size=4096,
+                      offload_activations=not plain)
+    model = build_random_quantized(hf_config(shape), cfg, device=device, dtype=compute)
+    opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, opt
+
+
+def build_bnb_peft(shape: str, device: str):
+    import bitsandbytes as bnb
+    import peft
+    import transformers
+    from torch import nn
+
+    r = SHAPES[shape][6]
+    cfg = hf_config(shape)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    for name, lin in list(model.named_modules()):
+        if isinstance(lin, nn.Linear) and name != "lm_head":
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+            w = torch.empty(lin.out_features, lin.in_features, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                         blocksize=64).to(device)  # quantized here, the dense weight freed
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, q)
+            del w
+    for m in model.modules():
+        for pname, p in list(m.named_parameters(recurse=False)):
+            if p.is_meta:
+                m._parameters[pname] = nn.Parameter(torch.empty(p.shape, device=device, dtype=torch.bfloat16).normal_(0, 0.02),
+                                                    requires_grad=False)
+    for m in model.modules():
+        for bname, b in list(m.named_buffers(recurse=False)):
+            if b.is_meta:
+                fresh = type(m)(config=cfg)
+                m._buffers[bname] = getattr(fresh, bname).to(device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
+                                                       lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    opt = bnb.optim.PagedAdamW(model.parameters(), lr=1e-4)
+    return model, opt
+
+
+def train_step(model, opt, seq: int, device: str, steps: int = 2) -> dict:
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (1, seq), device=device)
+    times = []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    step_s = min(times[1:] or times)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return dict(seq=seq, step_s=step_s, tokens_per_s=seq / step_s, peak_GiB=peak / 2**30 if peak else None)
+
+
+def fits(model, opt, seq, device) -> dict | None:
+    try:
+        return train_step(model, opt, seq, device, steps=1)
+    except torch.cuda.OutOfMemoryError:
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return None
+
+
+def longest(model, opt, device, lo: int, hi: int) -> int:
+    """Bisect the longest sequence (multiple of 256) whose step fits under the cap."""
+    if fits(model, opt, lo, device) is None:
+        return 0
+    while hi - lo > 256:
+        mid = (lo + hi) // 2 // 256 * 256
+        lo, hi = (mid, hi) if fits(model, opt, mid, device) else (lo, mid)
+    return lo
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="65b", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cap-gb", type=float, default=48.0)
+    ap.add_argument("--seqs", default="512,2048")
+    ap.add_argument("--search", action="store_true", help="bisect the longest sequence under the cap")
+    ap.add_argument("--plain", action="store_true", help="ours without chunked loss/MLP and offload")
+    ap.add_argument("--no-bnb", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args()
+    seqs = [int(s) for s in args.seqs.split(",") if s]
+    if args.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        if args.cap_gb * 2**30 > total:
+            sys.exit(f"--cap-gb {args.cap_gb} is larger than the device's {total / 2**30:.1f} GiB")
+        torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total)
+    positions = SHAPES[args.shape][7]
+    if max(seqs) > positions:
+        sys.exit(f"--seqs asks for {max(seqs)} tokens, longer than the {args.shape} shape's {positions} positions")
+    rows = []
+    builders = [("ours", lambda: build_ours(args.shape, args.device, args.plain))]
+    if not args.no_bnb and args.device == "cuda":
+        try:
+            import bitsandbytes  # noqa: F401
+            import peft  # noqa: F401
+            builders.append(("bitsandbytes + PEFT", lambda: build_bnb_peft(args.shape, args.device)))
+        except ImportError:
+            print("bitsandbytes/peft not installed: ours only")
+    for name, build in builders:
+        t0 = time.perf_counter()
+        model, opt = build()
+        loaded = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else None
+        print(f"{name}: built in {time.perf_counter() - t0:.0f} s" + (f", {loaded:.1f} GiB after loading" if loaded else ""))
+        model.train()
+        for seq in seqs:
+            r = fits(model, opt, seq, args.device) if args.device == "cuda" else train_step(model, opt, seq, args.device, 1)
+            rows.append(dict(stack=name, shape=args.shape, loaded_GiB=loaded, **(r or dict(seq=seq, step_s=None))))
+        if args.search and args.device == "cuda":
+            rows.append(dict(stack=name, shape=args.shape, longest_seq=longest(model, opt, args.device, 512, positions)))
+        del model, opt
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    print(qlora_ext.kernels_in_use(args.device))
+    print(format_table(rows, ["stack", "shape", "seq", "loaded_GiB", "peak_GiB", "step_s", "tokens_per_s", "longest_seq"]))
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "cap_GiB": args.cap_gb, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no plot")
+        else:
+            for name, _ in builders:
+                pts = [(r["seq"], r["peak_GiB"]) for r in rows if r.get("stack") == name and r.get("peak_GiB")]
+                if pts:
+                    plt.plot(*zip(*pts), marker="o", label=name)
+            plt.axhline(args.cap_gb, ls="--", c="gray")
+            plt.xlabel("sequence length (tokens)")
+            plt.ylabel("peak GPU memory (GiB)")
+            plt.title(f"{args.shape} QLoRA training step")
+            plt.legend()
+            plt.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

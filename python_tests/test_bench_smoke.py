@@ -1,0 +1,38 @@
+"""The GPU benchmarks of bench/ run end to end on a tiny shape on the CPU (their GPU numbers are in
+bench/RESULTS.md when a GPU was lent), and refuse bad arguments."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+pytest.importorskip("transformers")
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_memory_65b_tiny_on_cpu(tmp_path):
+    out = tmp_path / "m.json"
+    r = _run(BENCH / "memory_65b.py", "--shape", "tiny", "--device", "cpu", "--seqs", "64,96", "--json", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["seq"] for row in rows] == [64, 96] and all(row["tokens_per_s"] > 0 for row in rows)
+
+
+def test_e2e_train_tiny_on_cpu(tmp_path):
+    out = tmp_path / "e.json"
+    r = _run(BENCH / "e2e_train.py", "--shape", "tiny", "--device", "cpu", "--seq", "64", "--steps", "2", "--json", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and rows[0]["vs_bf16_lora"] == 1.0
+
+
+def test_memory_65b_refuses_too_long_sequences():
+    r = _run(BENCH / "memory_65b.py", "--shape", "tiny", "--device", "cpu", "--seqs", "8192")
+    assert r.returncode != 0 and "longer than the tiny shape's 4096 positions" in r.stderr
