@@ -54,7 +54,9 @@ def build_ours(shape: str, device: str, plain: bool, quant_type: str | None = "n
     compute = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = QLoRAConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, compute_dtype=compute, quant_type=quant_type,
                       chunked_loss=not plain, loss_chunk_size=2048, chunked_mlp=not plain, mlp_chunk_size=4096,
-                      offload_activations=not plain)
+                      offload_activations=not plain,
+                      # on the GPU as the bitsandbytes + PEFT baseline runs: bf16 adapters and hidden states
+                      **({"lora_dtype": torch.bfloat16, "upcast_non_quantized": False} if device == "cuda" else {}))
     model = build_random_quantized(hf_config(shape), cfg, device=device, dtype=compute)
     opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt

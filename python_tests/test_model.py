@@ -228,3 +228,17 @@ def test_save_errors_leave_no_partial_files(llama, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_adapter(ours, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_options_keep_the_model_dtype(llama):
+    make, ids = llama
+    model = prepare_model(make().to(torch.bfloat16), QLoRAConfig(r=4, lora_dtype=torch.bfloat16,
+                                                                 upcast_non_quantized=False), verbose=False)
+    assert model.model.norm.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.weight.dtype == torch.bfloat16
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert layer.lora_A.weight.grad.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="lora_dtype"):
+        QLoRAConfig(lora_dtype=torch.int8)

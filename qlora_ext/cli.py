@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--chunked-loss", action="store_true", help="plan with the chunked causal-LM loss")
     est.add_argument("--chunked-mlp", action="store_true", help="plan with the sequence-chunked MLP")
     est.add_argument("--offload", action="store_true", help="plan with checkpointed inputs offloaded to pinned CPU memory")
+    est.add_argument("--bf16", action="store_true",
+                     help="bf16 LoRA and bf16 hidden states (upcast_non_quantized=False; default: float32, as PEFT)")
     est.add_argument("--json", default=None, metavar="FILE")
     args = parser.parse_args(argv)
 

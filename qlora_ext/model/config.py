@@ -35,6 +35,11 @@ class QLoRAConfig:
             ``tokens x intermediate`` activations.
         offload_activations: keep the checkpointed layer inputs in pinned CPU memory (needs
             ``gradient_checkpointing``).
+        lora_dtype: dtype of the adapter weights (float32 default; bfloat16 halves adapters, gradients
+            and what the optimizer reads).
+        upcast_non_quantized: with a 4-bit base, upcast the other fp16/bf16 parameters (embeddings,
+            norms, head) to float32 as PEFT's ``prepare_model_for_kbit_training`` (default); False keeps
+            them, and the hidden states between layers, in the model's dtype (half the activation memory).
     """
 
     r: int = 16
@@ -54,6 +59,8 @@ class QLoRAConfig:
     chunked_mlp: bool = False
     mlp_chunk_size: int = 2048
     offload_activations: bool = False
+    lora_dtype: torch.dtype = torch.float32
+    upcast_non_quantized: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -67,6 +74,10 @@ class QLoRAConfig:
                              f"got {self.target_modules!r}")
         if isinstance(self.compute_dtype, str):
             self.compute_dtype = getattr(torch, self.compute_dtype)
+        if isinstance(self.lora_dtype, str):
+            self.lora_dtype = getattr(torch, self.lora_dtype)
+        if self.lora_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"lora_dtype must be float32, float16 or bfloat16, got {self.lora_dtype}")
         if self.compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"compute_dtype must be float32, float16 or bfloat16, got {self.compute_dtype}")
         self.modules_to_save = list(self.modules_to_save or [])
@@ -79,7 +90,7 @@ class QLoRAConfig:
     def lora_kwargs(self) -> dict:
         """Keyword arguments of the layer constructors (``from_linear``)."""
         kw = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, use_rslora=self.use_rslora,
-                  init_lora_weights=self.init_lora_weights)
+                  init_lora_weights=self.init_lora_weights, lora_dtype=self.lora_dtype)
         if self.quant_type is not None:
             kw.update(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant,
                       compute_dtype=self.compute_dtype)
@@ -88,4 +99,5 @@ class QLoRAConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["compute_dtype"] = str(self.compute_dtype).removeprefix("torch.")
+        d["lora_dtype"] = str(self.lora_dtype).removeprefix("torch.")
         return d

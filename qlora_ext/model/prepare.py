@@ -87,7 +87,7 @@ def finish_preparation(model: nn.Module, config: QLoRAConfig, *, device: torch.d
         elif config.modules_to_save and matches(name, config.modules_to_save):
             for p in module.parameters():
                 p.requires_grad_(True)
-    if config.quant_type is not None:  # as PEFT's prepare_model_for_kbit_training: the rest in float32
+    if config.quant_type is not None and config.upcast_non_quantized:  # as PEFT's prepare_model_for_kbit_training
         _upcast_non_lora(model)
     if config.modules_to_save:
         missing = [p for p in config.modules_to_save

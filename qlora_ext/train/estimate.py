@@ -90,6 +90,10 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
                     optim: str = "paged_adamw_32bit") -> MemoryPlan:
     targets = set(find_targets(model, config.target_modules, config.modules_to_save))
     weights = lora = other = 0
+    # bytes of the hidden states and the non-quantized parameters: float32 when upcast (the default),
+    # else the compute dtype's (the model is assumed loaded in it); matmul intermediates: compute dtype
+    act = 4 if config.upcast_non_quantized or config.quant_type is None else config.compute_dtype.itemsize
+    comp = config.compute_dtype.itemsize
     lora_sizes = []
     seen = set()
     for name, m in model.named_modules():
@@ -105,27 +109,29 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
         for p in m.parameters(recurse=False):
             if id(p) not in seen:  # tied embeddings once
                 seen.add(id(p))
-                other += 4 * p.numel()
-    lora = 4 * sum(lora_sizes)
+                other += act * p.numel()
+    lora = config.lora_dtype.itemsize * sum(lora_sizes)
     H, V = hf_config.hidden_size, hf_config.vocab_size
     I = getattr(hf_config, "intermediate_size", 4 * H)
     L, heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
     T, S, B = seq_len * batch, seq_len, batch
-    ckpt = L * T * H * 4 + T * H * 4
+    ckpt = L * T * H * act + T * H * act
     host = 0
     if config.offload_activations:  # the layer inputs live in pinned host memory; one layer's comes back
-        host, ckpt = L * T * H * 4, 2 * T * H * 4
+        host, ckpt = L * T * H * act, 2 * T * H * act
     # the loss: 3 logits-sized float32 tensors, or 3 chunk-sized ones (+ the chunk's float copy)
     loss_tokens = min(T, config.loss_chunk_size) if config.chunked_loss else T
-    loss_phase = 3 * loss_tokens * V * 4 + 2 * T * H * 4
+    loss_phase = 3 * loss_tokens * V * 4 + 2 * T * H * act
     a, b, c, d, e = _RECOMPUTE
     mlp_tokens = min(S, config.mlp_chunk_size) * B if config.chunked_mlp else T
-    layer_phase = int(a * B * heads * S * S * 4 + b * mlp_tokens * I * 4 + c * T * H * 4 + d * I * H * 4 + e)
+    layer_phase = int(a * B * heads * S * S * comp + b * mlp_tokens * I * comp + c * T * H * act
+                      + d * I * H * comp + e)
     opt = _optimizer_bytes(lora_sizes, optim)
     quant = f"{config.quant_type.upper()}{' + DQ' if config.double_quant else ''}" if config.quant_type else "fp32"
     rows = [(f"base weights of {len(targets)} adapted layers ({quant})", weights),
-            ("other parameters (float32: embeddings, norms, head)", other),
-            (f"LoRA adapters (r={config.r}, float32)", lora), ("LoRA gradients", lora),
+            (f"other parameters ({'float32' if act == 4 else 'model dtype'}: embeddings, norms, head)", other),
+            (f"LoRA adapters (r={config.r}, {str(config.lora_dtype).removeprefix('torch.')})", lora),
+            ("LoRA gradients", lora),
             (f"optimizer states ({optim})", opt),
             (f"checkpointed layer inputs ({L} x {T} tokens)" + (", offloaded: one on the GPU" if host else ""), ckpt),
             ("peak transient: " + ("loss (logits)" if loss_phase >= layer_phase else "one layer's recompute")
@@ -198,7 +204,8 @@ def main_from_args(args) -> MemoryPlan:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     config = QLoRAConfig(r=args.r, target_modules=targets, quant_type=None if args.quant_type == "none" else args.quant_type,
                          chunked_loss=args.chunked_loss, chunked_mlp=args.chunked_mlp,
-                         offload_activations=args.offload)
+                         offload_activations=args.offload,
+                         **({"upcast_non_quantized": False, "lora_dtype": torch.bfloat16} if args.bf16 else {}))
     plan = estimate(args.model, args.seq_len, args.batch, config, args.optim)
     print(plan.format(args.gpu_gb))
     if args.gpu_gb is not None:
