@@ -238,7 +238,10 @@ def build_random_quantized(hf_config, config: QLoRAConfig | None = None, *, devi
         for pname, p in list(m.named_parameters(recurse=False)):
             if p.is_meta:
                 t = torch.empty(p.shape, device=device, dtype=dtype)
-                t.fill_(1.0) if "norm" in pname or "norm" in name else t.normal_(0.0, std)
+                if "norm" in name:  # norms start at 1, as initialized
+                    t.fill_(1.0)
+                else:
+                    t.normal_(0.0, std)
                 m._parameters[pname] = nn.Parameter(t, requires_grad=False)
     if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
