@@ -150,3 +150,22 @@ def test_bad_input():
         chunked_cross_entropy(torch.randn(1, 2, 4), torch.randn(3, 4), torch.full((1, 2), 5))
     with pytest.raises(ValueError, match="chunked_loss needs a transformers causal LM"):
         prepare_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), QLoRAConfig(chunked_loss=True))
+
+
+def test_offload_survives_a_forward_without_backward_and_accumulation():
+    ids, labels = _batch()
+    model = _model(offload_activations=True)
+    model.train()
+    model(input_ids=ids, labels=labels)  # a graph dropped without backward (its host copies go with it)
+    torch.manual_seed(11)
+    a = model(input_ids=ids[:1], labels=labels[:1]).loss
+    b = model(input_ids=ids[1:], labels=labels[1:]).loss
+    (a + b).backward()  # two forwards, one backward
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    ref = _model()
+    ref.train()
+    torch.manual_seed(11)
+    (ref(input_ids=ids[:1], labels=labels[:1]).loss + ref(input_ids=ids[1:], labels=labels[1:]).loss).backward()
+    for n, p in ref.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(grads[n], p.grad), n

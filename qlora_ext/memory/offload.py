@@ -6,64 +6,71 @@ step runs the same way, so tests cover the mechanism: loss and gradients are bit
 transformers' own (non-reentrant) gradient checkpointing, dropout included (random states restored)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 
+class _Slot:
+    """One layer input in host memory; ``prev`` points (weakly) at the layer before it in the forward,
+    whose input the backward needs next. Owned by the autograd node: a graph dropped without a
+    backward frees its slots."""
+
+    __slots__ = ("device", "cpu", "gpu", "stored", "ready", "prev", "__weakref__")
+
+    def __init__(self, device, prev):
+        self.device, self.prev = device, prev
+        self.cpu = self.gpu = self.stored = self.ready = None
+
+
 class _Offloader:
-    """Copies of layer inputs, by handle (forward order), with their copy events."""
+    """Moves layer inputs to pinned host memory on a side stream and back, one layer ahead."""
 
     def __init__(self) -> None:
         self.stream = None
-        self.slots: list[dict] = []
+        self.last: weakref.ref | None = None
 
     def _side_stream(self, device):
         if self.stream is None:
             self.stream = torch.cuda.Stream(device=device)
         return self.stream
 
-    def stash(self, t: torch.Tensor) -> int:
-        slot = {"device": t.device, "dtype": t.dtype}
+    def stash(self, t: torch.Tensor) -> _Slot:
+        slot = _Slot(t.device, self.last)
         if t.is_cuda:
             stream = self._side_stream(t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(stream):
-                cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                cpu.copy_(t, non_blocking=True)
-                slot["event"] = torch.cuda.Event()
-                slot["event"].record(stream)
+                slot.cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                slot.cpu.copy_(t, non_blocking=True)
+                slot.stored = torch.cuda.Event()
+                slot.stored.record(stream)
             t.record_stream(stream)  # the allocator keeps t until the copy is done
-            slot["cpu"] = cpu
         else:
-            slot["cpu"] = t  # CPU: nothing to move
-        self.slots.append(slot)
-        return len(self.slots) - 1
+            slot.cpu = t  # CPU: nothing to move
+        self.last = weakref.ref(slot)
+        return slot
 
-    def prefetch(self, handle: int) -> None:
-        if handle < 0 or handle >= len(self.slots):
+    def prefetch(self, slot: _Slot | None) -> None:
+        if slot is None or slot.gpu is not None or slot.cpu is None or slot.device.type != "cuda":
             return
-        slot = self.slots[handle]
-        if "gpu" in slot or not slot["device"].type == "cuda":
-            return
-        stream = self._side_stream(slot["device"])
+        stream = self._side_stream(slot.device)
         with torch.cuda.stream(stream):
-            stream.wait_event(slot["event"])
-            slot["gpu"] = slot["cpu"].to(slot["device"], non_blocking=True)
-            slot["ready"] = torch.cuda.Event()
-            slot["ready"].record(stream)
+            stream.wait_event(slot.stored)
+            slot.gpu = slot.cpu.to(slot.device, non_blocking=True)
+            slot.ready = torch.cuda.Event()
+            slot.ready.record(stream)
 
-    def fetch(self, handle: int) -> torch.Tensor:
-        slot = self.slots[handle]
-        if slot["device"].type != "cuda":
-            t = slot["cpu"]
+    def fetch(self, slot: _Slot) -> torch.Tensor:
+        if slot.device.type != "cuda":
+            t = slot.cpu
         else:
-            self.prefetch(handle)
-            torch.cuda.current_stream(slot["device"]).wait_event(slot["ready"])
-            t = slot["gpu"]
-            t.record_stream(torch.cuda.current_stream(slot["device"]))
-        self.slots[handle] = {}  # released
-        if handle == 0:
-            self.slots.clear()
+            self.prefetch(slot)
+            torch.cuda.current_stream(slot.device).wait_event(slot.ready)
+            t = slot.gpu
+            t.record_stream(torch.cuda.current_stream(slot.device))
+        slot.cpu = slot.gpu = None  # released (the pinned buffer returns to torch's host cache)
         return t
 
 
@@ -75,13 +82,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         with torch.no_grad():
             out = run(hidden)
-        ctx.handle = offloader.stash(hidden.detach())
+        ctx.slot = offloader.stash(hidden.detach())
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden = ctx.offloader.fetch(ctx.handle)
-        ctx.offloader.prefetch(ctx.handle - 1)  # the previous layer's input, while this one recomputes
+        if ctx.slot.cpu is None:
+            raise RuntimeError("this layer's offloaded input was already used: backward through the graph "
+                               "twice needs retain_graph, which activation offload does not support")
+        hidden = ctx.offloader.fetch(ctx.slot)
+        ctx.offloader.prefetch(ctx.slot.prev() if ctx.slot.prev is not None else None)  # the layer before
         devices = [hidden.device] if hidden.is_cuda else []
         with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
             torch.set_rng_state(ctx.cpu_rng)
