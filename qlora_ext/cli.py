@@ -17,8 +17,10 @@ import sys
 def _finetune_parser(sub) -> None:
     ft = sub.add_parser("finetune", help="QLoRA fine-tuning (no arguments: the built-in default job)",
                         description="Without --model/--data: QLoRA (NF4) vs fp32 LoRA fine-tuning of the pretrained "
-                                    "all-MiniLM-L6-v2 on a real labeled dataset, no downloads. With them: QLoRA "
-                                    "fine-tuning of a local transformers causal LM on a JSONL file.")
+                                    "all-MiniLM-L6-v2 on a real labeled dataset, no downloads (it takes --dataset, "
+                                    "--method, --steps, --device, --json, --no-progress; its other settings are "
+                                    "fixed). With them: QLoRA fine-tuning of a local transformers causal LM on a "
+                                    "JSONL file.")
     ft.add_argument("--model", default=None, metavar="DIR", help="local transformers causal-LM folder")
     ft.add_argument("--data", default=None, metavar="FILE.jsonl",
                     help="records with 'text', or 'instruction' + 'response' (one JSON object per line)")
