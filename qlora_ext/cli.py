@@ -45,6 +45,7 @@ def _finetune_parser(sub) -> None:
     ft.add_argument("--eval-fraction", type=float, default=0.1)
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    ft.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end and on Ctrl-C)")
     ft.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ft.add_argument("--json", default=None, metavar="FILE", help="also write the final report as JSON")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")

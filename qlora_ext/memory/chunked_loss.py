@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..model.runtime import add_hook
+
 IGNORE = -100
 
 
@@ -82,6 +84,13 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int = 1024) -> None:
     if head is None or base is None or base is model:
         raise ValueError(f"chunked_loss needs a transformers causal LM (an output embedding and a base model); "
                          f"{type(model).__name__} has none")
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    if keep is None:
+        raise ValueError(f"chunked_loss: {type(model).__name__}.forward takes no logits_to_keep argument "
+                         "(transformers >= 4.45 causal LMs do): the full logits could not be avoided")
     state: dict = {}
 
     def take_labels(module, args, kwargs):
@@ -89,7 +98,7 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int = 1024) -> None:
         if kwargs.get("labels") is not None:
             state["labels"] = kwargs.pop("labels")
             state["num_items"] = kwargs.pop("num_items_in_batch", None)
-            kwargs.setdefault("logits_to_keep", 1)
+            kwargs.setdefault(keep, 1)
         return args, kwargs
 
     def keep_hidden(module, args, output):
@@ -97,12 +106,15 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int = 1024) -> None:
             state["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
     def set_loss(module, args, output):
-        if "labels" in state:
-            output.loss = chunked_cross_entropy(state.pop("hidden"), head.weight, state.pop("labels"), head.bias,
-                                                chunk_size, state.pop("num_items"))
-            output["loss"] = output.loss
-        return output
+        if "labels" not in state:
+            return output
+        loss = chunked_cross_entropy(state.pop("hidden"), head.weight, state.pop("labels"), head.bias, chunk_size,
+                                     state.pop("num_items"))
+        if isinstance(output, tuple):  # return_dict=False: the loss comes first, as transformers puts it
+            return (loss, *output)
+        fields = {k: v for k, v in output.items() if k != "loss"}
+        return type(output)(loss=loss, **fields)  # a fresh output: "loss" first in its order
 
-    model.register_forward_pre_hook(take_labels, with_kwargs=True)
-    base.register_forward_hook(keep_hidden)
-    model.register_forward_hook(set_loss)
+    add_hook(model, "pre_hook", take_labels, with_kwargs=True)
+    add_hook(base, "hook", keep_hidden)
+    add_hook(model, "hook", set_loss)

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..model.runtime import patch_forward
+
 
 def _chunked(mlp_forward, chunk: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -33,6 +35,6 @@ def enable_chunked_mlp(model: nn.Module, chunk_size: int = 2048) -> int:
         raise ValueError(f"chunked_mlp: {type(model).__name__} has no '.mlp' modules (a Llama-style decoder is expected)")
     for mlp in mlps:
         if not getattr(mlp, "_qlora_chunked", False):
-            mlp.forward = _chunked(mlp.forward, chunk_size)
+            patch_forward(mlp, _chunked(mlp.forward, chunk_size))
             mlp._qlora_chunked = True
     return len(mlps)

@@ -6,10 +6,13 @@ step runs the same way, so tests cover the mechanism: loss and gradients are bit
 transformers' own (non-reentrant) gradient checkpointing, dropout included (random states restored)."""
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
 from torch import nn
+
+from ..model.runtime import patch_forward
 
 
 class _Slot:
@@ -27,9 +30,10 @@ class _Slot:
 class _Offloader:
     """Moves layer inputs to pinned host memory on a side stream and back, one layer ahead."""
 
-    def __init__(self) -> None:
+    def __init__(self, context_fn=None) -> None:
         self.stream = None
         self.last: weakref.ref | None = None
+        self.context_fn = context_fn
 
     def _side_stream(self, device):
         if self.stream is None:
@@ -78,6 +82,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, offloader, hidden):
         ctx.run, ctx.offloader = run, offloader
+        ctx.recompute_ctx = offloader.context_fn()[1] if offloader.context_fn else contextlib.nullcontext()
+        # autocast as the forward had it (torch.utils.checkpoint does the same)
+        ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         with torch.no_grad():
@@ -97,9 +104,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
-            with torch.enable_grad():
-                h = hidden.detach().requires_grad_(True)
-                out = ctx.run(h)
+            with contextlib.ExitStack() as stack:
+                for device, enabled, dtype in ctx.autocast:
+                    if enabled:
+                        stack.enter_context(torch.autocast(device, dtype=dtype))
+                stack.enter_context(ctx.recompute_ctx)
+                with torch.enable_grad():
+                    h = hidden.detach().requires_grad_(True)
+                    out = ctx.run(h)
             torch.autograd.backward(out, grad_out)
         return None, None, h.grad
 
@@ -116,15 +128,18 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for n, m in model.named_modules() if n.rsplit(".", 2)[-2:-1] == ["layers"]]
 
 
-def enable_activation_offload(model: nn.Module) -> int:
+def enable_activation_offload(model: nn.Module, context_fn=None) -> int:
     """Replaces transformers' gradient checkpointing of the decoder layers with the offloaded one (see
-    the module docstring); returns the number of layers."""
+    the module docstring); returns the number of layers. ``context_fn`` as torch.utils.checkpoint's:
+    its second context manager wraps each recompute (MoE-LoRA's task ids)."""
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"offload_activations: no decoder layers found in {type(model).__name__}")
     disable = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable")
     disable()
-    offloader = _Offloader()
+    if hasattr(model, "enable_input_require_grads"):  # the first layer's input must carry the graph in
+        model.enable_input_require_grads()
+    offloader = _Offloader(context_fn)
     for layer in layers:
         if getattr(layer, "_qlora_offloaded", False):
             continue
@@ -148,7 +163,7 @@ def enable_activation_offload(model: nn.Module) -> int:
                 return out
             y = _OffloadedCheckpoint.apply(run, offloader, hidden_states)
             return (y, *probe["rest"]) if "rest" in probe else y
-        layer.forward = forward
+        patch_forward(layer, forward)
         layer._qlora_offloaded = True
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False  # as transformers does when checkpointing

@@ -18,6 +18,7 @@ from torch import nn
 from ..nn.adalora import AdaLoRAMixin, to_adalora
 from ..nn.lora import LoRALayer
 from .config import QLoRAConfig
+from .runtime import add_hook
 
 _PREFIX = "base_model.model."
 
@@ -56,7 +57,9 @@ class AdaLoRAConfig(QLoRAConfig):
             if isinstance(m, LoRALayer):
                 to_adalora(m, self.init_r, self.lora_alpha)
         model.qlora_rank_allocator = RankAllocator(model, self)
-        model.register_forward_hook(_add_orth_reg)
+
+    def post_memory(self, model: nn.Module) -> None:
+        add_hook(model, "hook", _add_orth_reg)  # after the chunked loss's hook, which sets the loss
 
 
 def adalora_layers(model: nn.Module) -> dict[str, AdaLoRAMixin]:

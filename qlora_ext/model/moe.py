@@ -18,6 +18,7 @@ from torch import nn
 from ..nn.lora import LoRALayer
 from ..nn.moe import TaskGate, TaskRankScale, TokenRouter, expand_to_rank
 from .config import QLoRAConfig
+from .runtime import add_hook, strip
 
 MOE_CONFIG_NAME = "moelora_config.json"
 MOE_WEIGHTS_NAME = "moelora_model.safetensors"
@@ -78,8 +79,7 @@ def attach_experts(model: nn.Module, config: MoELoRAConfig) -> None:
             elif not getattr(gate, "sticky", False):
                 gate.set_task_ids(None)
             return args, kwargs
-        handle = model.register_forward_pre_hook(take_task_ids, with_kwargs=True)
-        object.__setattr__(model, "_qlora_moe_hook", handle.id)
+        add_hook(model, "pre_hook", take_task_ids, with_kwargs=True)
         for p in gate.parameters():
             p.requires_grad_(True)
     else:
@@ -136,7 +136,7 @@ def merge_task(model: nn.Module, task_id: int, dtype: torch.dtype | None = None)
 
     scales = task_rank_scale(model, task_id)
     dense = copy.deepcopy(model)
-    dense._forward_pre_hooks.pop(getattr(model, "_qlora_moe_hook", None), None)
+    strip(dense)  # hooks and patched forwards of the copy still point at the original's closures
     for name, layer in _moe_layers(dense).items():
         _set_submodule(dense, name, layer.to_linear(dtype, rank_scale=scales[name]))
     if hasattr(dense, _GATE):

@@ -8,6 +8,7 @@ from torch import nn
 from ..nn import LoRALinear, QuantLoRALinear
 from ..nn.lora import LoRALayer
 from .config import QLoRAConfig
+from . import runtime
 from .targets import find_targets, matches
 
 
@@ -99,13 +100,18 @@ def finish_preparation(model: nn.Module, config: QLoRAConfig, *, device: torch.d
     post = getattr(config, "post_prepare", None)  # MoE-LoRA gates, AdaLoRA's allocator
     if post is not None:
         post(model)
+    context_fn = runtime.recompute_context_fn(model)
     if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         # non-reentrant: needs no input that requires grad (transformers 5 renamed the method)
+        kw = {"use_reentrant": False, **({"context_fn": context_fn} if context_fn else {})}
         if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _memory_options(model, config)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    _memory_options(model, config, context_fn)
+    post = getattr(config, "post_memory", None)  # hooks that must run after the memory options' (AdaLoRA's loss term)
+    if post is not None:
+        post(model)
     model.qlora_config = config
     trainable, total = count_parameters(model)
     model.qlora_trainable = (trainable, total)
@@ -115,9 +121,13 @@ def finish_preparation(model: nn.Module, config: QLoRAConfig, *, device: torch.d
     return model
 
 
-def _memory_options(model: nn.Module, config: QLoRAConfig) -> None:
+def _memory_options(model: nn.Module, config: QLoRAConfig, context_fn=None) -> None:
     from .. import memory
+    from ..nn.moe import TokenRouter
 
+    if (config.chunked_mlp or config.offload_activations) and any(isinstance(m, TokenRouter) for m in model.modules()):
+        raise ValueError("token-routed MoE-LoRA's balance loss needs one un-chunked, un-offloaded forward per "
+                         "layer: chunked_mlp and offload_activations are not supported with router='token'")
     if config.chunked_loss:
         memory.enable_chunked_loss(model, config.loss_chunk_size)
     if config.chunked_mlp:
@@ -125,7 +135,7 @@ def _memory_options(model: nn.Module, config: QLoRAConfig) -> None:
     if config.offload_activations:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"offload_activations: {type(model).__name__} does not support gradient checkpointing")
-        memory.enable_activation_offload(model)
+        memory.enable_activation_offload(model, context_fn)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -146,7 +156,8 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         raise ValueError(f"{type(model).__name__} has no LoRA layers to merge (was it prepared?)")
     for name in names:
         _set_submodule(model, name, model.get_submodule(name).to_linear(dtype))
-    for attr in ("qlora_config", "qlora_trainable"):
+    runtime.strip(model)
+    for attr in ("qlora_config", "qlora_trainable", "qlora_rank_allocator"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

@@ -59,6 +59,8 @@ class TaskRankScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = expand_to_rank(self.gate.weights(), self.r)  # (batch, r)
+        if w.shape[0] == 1 and x.shape[0] != 1:  # one task for the whole batch (set_task(model, 2))
+            w = w.expand(x.shape[0], self.r)
         if x.dim() == 2 and x.shape[0] == w.shape[0]:
             return w
         if x.dim() >= 3 and x.shape[0] == w.shape[0]:

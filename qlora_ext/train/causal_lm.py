@@ -45,8 +45,9 @@ def pack(examples: list[dict], seq_len: int) -> list[dict]:
     """Concatenates the examples and cuts full ``seq_len`` blocks (the remainder is dropped)."""
     ids = [t for e in examples for t in e["input_ids"]]
     labels = [t for e in examples for t in e["labels"]]
-    return [{"input_ids": ids[i:i + seq_len], "labels": labels[i:i + seq_len]}
-            for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    blocks = [{"input_ids": ids[i:i + seq_len], "labels": labels[i:i + seq_len]}
+              for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    return [b for b in blocks if any(l != -100 for l in b["labels"][1:])]  # (a block of prompt only teaches nothing)
 
 
 def collate(examples: list[dict], pad_id: int, device) -> dict:
@@ -161,7 +162,7 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
     t0 = time.perf_counter()
     loop = train(model, batches, loss_fn, opt, steps, grad_accum=grad_accum, state=loop, eval_every=eval_every,
                  evaluate=evaluate, log_path=str(out / "train_log.jsonl"), save=save, device=dev, progress=progress,
-                 desc="qlora")
+                 desc="qlora", save_every=save_every)
     seconds = time.perf_counter() - t0
     save(loop)
     save_adapter(model, out, base_model_name_or_path=str(folder))
@@ -185,7 +186,8 @@ def finetune_from_args(args) -> dict:
     report = finetune(args.model, args.data, args.output, steps=args.steps or 100, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, seq_len=args.seq_len, packing=args.packing,
                       config=config, optim=args.optim, eval_every=args.eval_every, eval_fraction=args.eval_fraction,
-                      seed=args.seed, resume=args.resume, device=args.device, progress=not args.no_progress)
+                      seed=args.seed, resume=args.resume, device=args.device, progress=not args.no_progress,
+                      save_every=args.save_every)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return report

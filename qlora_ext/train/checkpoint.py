@@ -1,6 +1,8 @@
-"""Resumable training checkpoints without pickle: the adapter in PEFT's format, optimizer tensors and
-random states in safetensors, everything else in JSON. Written to a temporary folder and renamed into
-place, so an interrupted save never leaves a half-written checkpoint."""
+"""Resumable training checkpoints without pickle: every trainable tensor (the adapters of any method,
+modules_to_save, MoE gates) copied back in place on resume (so the optimizer's references stay
+valid), optimizer tensors, random states and AdaLoRA's allocator in safetensors, the rest in JSON.
+Written to a temporary folder and renamed into place, so an interrupted save never leaves a
+half-written checkpoint (the previous one is kept as ``<dir>.old`` until the new one is in place)."""
 from __future__ import annotations
 
 import json
@@ -12,11 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..model import load_adapter, save_adapter
 from .loop import LoopState
 
 STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
+TRAINABLE_NAME = "trainable.safetensors"
+ALLOCATOR_NAME = "adalora_allocator.safetensors"
 RNG_NAME = "rng_state.safetensors"
 
 
@@ -49,14 +52,23 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_adapter(model, tmp)
+    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
+              str(tmp / TRAINABLE_NAME))
+    alloc = getattr(model, "qlora_rank_allocator", None)
+    alloc_meta = None
+    if alloc is not None:  # AdaLoRA: the smoothed importances and the mask decide the next allocations
+        t = {f"ipt.{n}.{p}": v.cpu() for (n, p), v in alloc.exp_avg_ipt.items()}
+        t.update({f"unc.{n}.{p}": v.cpu() for (n, p), v in alloc.exp_avg_unc.items()})
+        save_file(t, str(tmp / ALLOCATOR_NAME))
+        alloc_meta = {"rank_pattern": alloc.rank_pattern}
     tensors, meta = _split_optimizer_state(optimizer.state_dict())
     save_file(tensors, str(tmp / OPTIM_NAME))
     rng = {"cpu": loop.rng.get("cpu", torch.get_rng_state())}
     for i, s in enumerate(loop.rng.get("cuda", [])):
         rng[f"cuda{i}"] = s
     save_file(rng, str(tmp / RNG_NAME))
-    state = {"step": loop.step, "losses": loop.losses, "evals": loop.evals, "optimizer": meta, "extra": extra or {}}
+    state = {"step": loop.step, "losses": loop.losses, "evals": loop.evals, "optimizer": meta, "extra": extra or {},
+             "allocator": alloc_meta}
     (tmp / STATE_NAME).write_text(json.dumps(state) + "\n")
     old = final.with_name(final.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -72,14 +84,34 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     """Restores what :func:`save_checkpoint` wrote into a model prepared the same way and a fresh
     optimizer over its trainable parameters; returns (loop state, extra)."""
     d = Path(directory)
-    for name in (STATE_NAME, OPTIM_NAME, RNG_NAME):
+    if not d.exists() and d.with_name(d.name + ".old").exists():  # a save was cut between its two renames
+        d = d.with_name(d.name + ".old")
+    for name in (STATE_NAME, OPTIM_NAME, RNG_NAME, TRAINABLE_NAME):
         if not (d / name).is_file():
             raise FileNotFoundError(f"no {name} in {d}: not a complete checkpoint (nothing to resume)")
     try:
         state = json.loads((d / STATE_NAME).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{d / STATE_NAME} is not valid JSON: {e}") from None
-    load_adapter(model, d)
+    saved = load_file(str(d / TRAINABLE_NAME))
+    params = dict(model.named_parameters())
+    if set(saved) != {n for n, p in params.items() if p.requires_grad}:
+        raise ValueError(f"{d} holds trainable tensors {sorted(saved)[:3]}... that do not match the model's "
+                         "(prepared with other settings?)")
+    with torch.no_grad():
+        for n, v in saved.items():
+            if params[n].shape != v.shape:
+                raise ValueError(f"{n}: the checkpoint has {tuple(v.shape)}, the model {tuple(params[n].shape)}")
+            params[n].copy_(v)  # in place: the optimizer's parameters are these very tensors
+    alloc = getattr(model, "qlora_rank_allocator", None)
+    if alloc is not None and (d / ALLOCATOR_NAME).is_file():
+        t = load_file(str(d / ALLOCATOR_NAME))
+        dev = next(model.parameters()).device
+        for key, v in t.items():
+            kind, rest = key.split(".", 1)
+            name, part = rest.rsplit(".", 1)
+            (alloc.exp_avg_ipt if kind == "ipt" else alloc.exp_avg_unc)[(name, part)] = v.to(dev)
+        alloc.rank_pattern = (state.get("allocator") or {}).get("rank_pattern")
     optimizer.load_state_dict(_join_optimizer_state(load_file(str(d / OPTIM_NAME)), state["optimizer"]))
     rng_t = load_file(str(d / RNG_NAME))
     rng = {"cpu": rng_t["cpu"]}

@@ -77,7 +77,7 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
           eval_every: int = 0, evaluate: Callable[[], dict] | None = None, log_path: str | None = None,
           save: Callable[[LoopState], None] | None = None, device: torch.device | None = None,
           progress: bool = True, desc: str = "train", max_grad_norm: float | None = 1.0,
-          after_step: Callable[[int], None] | None = None) -> LoopState:
+          after_step: Callable[[int], None] | None = None, save_every: int = 0) -> LoopState:
     """Runs optimizer steps ``state.step .. steps - 1``; each step averages ``grad_accum`` micro-batches
     from ``batches`` (dicts of tensors; ``"num_tokens"`` counts tokens for the rate). Returns the state.
     ``batches`` must already be positioned at ``state.step * grad_accum`` when resuming.
@@ -102,7 +102,8 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
                 total += loss.detach().item()
                 tokens += int(batch.get("num_tokens", 0))
             if not math.isfinite(total):
-                raise FloatingPointError(f"loss is {total} at step {state.step}: lower the learning rate")
+                raise FloatingPointError(f"loss is {total} at step {state.step}: a batch without any learnable "
+                                         "token, or divergence (lower the learning rate)")
             with _DeferInterrupt():
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -127,6 +128,8 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
             if log:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if save is not None and save_every and state.step % save_every == 0 and state.step < steps:
+                save(state)  # periodic: a crash loses at most save_every steps
     except KeyboardInterrupt:
         bar.write(f"interrupted after step {state.step}" + ("; saving a resumable checkpoint" if save else ""))
         optimizer.zero_grad(set_to_none=True)
