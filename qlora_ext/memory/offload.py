@@ -31,14 +31,14 @@ class _Offloader:
     """Moves layer inputs to pinned host memory on a side stream and back, one layer ahead."""
 
     def __init__(self, context_fn=None) -> None:
-        self.stream = None
+        self.streams: dict = {}  # one side stream per device
         self.last: weakref.ref | None = None
         self.context_fn = context_fn
 
     def _side_stream(self, device):
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(device=device)
-        return self.stream
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device=device)
+        return self.streams[device]
 
     def stash(self, t: torch.Tensor) -> _Slot:
         slot = _Slot(t.device, self.last)

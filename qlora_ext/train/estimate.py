@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..model import QLoRAConfig
-from ..model.targets import find_targets
+from ..model.targets import find_targets, matches
 
 _BLOCK8 = 256  # the 8-bit optimizer's block
 # one layer's backward working set in bytes: a * scores + b * T*I*4 + c * T*H*4 + d * I*H*4 + e
@@ -88,8 +88,10 @@ def _optimizer_bytes(sizes: list[int], optim: str) -> int:
 
 def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, config: QLoRAConfig,
                     optim: str = "paged_adamw_32bit") -> MemoryPlan:
+    if not config.gradient_checkpointing:
+        raise ValueError("the memory plan is for gradient-checkpointed runs (gradient_checkpointing=True)")
     targets = set(find_targets(model, config.target_modules, config.modules_to_save))
-    weights = lora = other = 0
+    weights = lora = other = saved = 0
     # bytes of the hidden states and the non-quantized parameters: float32 when upcast (the default),
     # else the compute dtype's (the model is assumed loaded in it); matmul intermediates: compute dtype
     act = 4 if config.upcast_non_quantized or config.quant_type is None else config.compute_dtype.itemsize
@@ -110,6 +112,8 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
             if id(p) not in seen:  # tied embeddings once
                 seen.add(id(p))
                 other += act * p.numel()
+                if config.modules_to_save and matches(name, config.modules_to_save):
+                    saved += p.numel()  # trained in full: gradients and optimizer states too
     lora = config.lora_dtype.itemsize * sum(lora_sizes)
     H, V = hf_config.hidden_size, hf_config.vocab_size
     I = getattr(hf_config, "intermediate_size", 4 * H)
@@ -126,12 +130,12 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
     mlp_tokens = min(S, config.mlp_chunk_size) * B if config.chunked_mlp else T
     layer_phase = int(a * B * heads * S * S * comp + b * mlp_tokens * I * comp + c * T * H * act
                       + d * I * H * comp + e)
-    opt = _optimizer_bytes(lora_sizes, optim)
+    opt = _optimizer_bytes(lora_sizes + ([saved] if saved else []), optim)
     quant = f"{config.quant_type.upper()}{' + DQ' if config.double_quant else ''}" if config.quant_type else "fp32"
     rows = [(f"base weights of {len(targets)} adapted layers ({quant})", weights),
             (f"other parameters ({'float32' if act == 4 else 'model dtype'}: embeddings, norms, head)", other),
             (f"LoRA adapters (r={config.r}, {str(config.lora_dtype).removeprefix('torch.')})", lora),
-            ("LoRA gradients", lora),
+            ("LoRA gradients" + (" and modules_to_save's" if saved else ""), lora + act * saved),
             (f"optimizer states ({optim})", opt),
             (f"checkpointed layer inputs ({L} x {T} tokens)" + (", offloaded: one on the GPU" if host else ""), ckpt),
             ("peak transient: " + ("loss (logits)" if loss_phase >= layer_phase else "one layer's recompute")
