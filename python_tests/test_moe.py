@@ -130,3 +130,31 @@ def test_bad_input(make):
         next(m for m in model.modules() if isinstance(m, LoRALayer)).merge()
     with pytest.raises(ValueError, match=r"task_id must be in \[0, 3\)"):
         merge_task(model, 7)
+
+
+def test_standalone_moelora_linear_and_trainer_with_task_ids(make, tmp_path):
+    from qlora_ext.nn import MoELoRALinear, TaskGate
+    lin = torch.nn.Linear(32, 24)
+    gate = TaskGate(2, 8, 4)
+    layer = MoELoRALinear.from_linear(lin, r=8, num_experts=4, gate=gate, quant_type="nf4",
+                                      compute_dtype=torch.float32)
+    gate.set_task_ids(torch.tensor([1, 0, 1]))
+    assert layer(torch.randn(3, 5, 32)).shape == (3, 5, 24)
+    routed = MoELoRALinear.from_linear(lin, r=8, num_experts=4, quant_type=None)
+    routed(torch.randn(4, 32)).sum().backward()
+    assert routed.rank_scaler.router.weight.grad is not None
+    with pytest.raises(ValueError, match="not divisible"):
+        MoELoRALinear.from_linear(lin, r=6, num_experts=4)
+    # the HF Trainer with a collator that emits task_ids
+    model = _moe(make).train()
+    rows = [{"input_ids": torch.randint(0, 128, (8,)), "task": i % 3} for i in range(16)]
+
+    def collate(batch):
+        ids = torch.stack([b["input_ids"] for b in batch])
+        return {"input_ids": ids, "labels": ids, "task_ids": torch.tensor([b["task"] for b in batch])}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                          disable_tqdm=True, remove_unused_columns=False)
+    before = model.qlora_task_gate.gate.weight.detach().clone()
+    transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate).train()
+    assert not torch.equal(model.qlora_task_gate.gate.weight, before)  # the gate trained: task ids reached it

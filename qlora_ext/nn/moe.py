@@ -96,3 +96,31 @@ def balance_loss(probs: torch.Tensor, top_i: torch.Tensor, coef: float) -> torch
     f = torch.zeros(n, device=p.device).index_add_(0, top_i.reshape(-1), torch.ones(top_i.numel(), device=p.device))
     f = f / top_i.numel()
     return coef * n * (f * p.mean(0)).sum()
+
+
+class MoELoRALinear:
+    """Stand-alone MoE-LoRA layers for ``nn.Linear``s outside prepare_model: a :class:`QuantLoRALinear`
+    (or :class:`LoRALinear` with ``quant_type=None``) whose rank r is split into ``num_experts`` experts
+    of rank r/N, gated per token (:class:`TokenRouter`) or by a :class:`TaskGate` you share between
+    layers (set its task ids with ``gate.set_task_ids``). Model-wide injection: ``MoELoRAConfig``."""
+
+    @staticmethod
+    def from_linear(linear: nn.Module, *, r: int = 16, num_experts: int = 4, gate: TaskGate | None = None,
+                    top_k: int = 2, aux_loss_coef: float = 0.01, quant_type: str | None = "nf4", **lora_kwargs):
+        from .lora import LoRALinear
+        from .quant_lora import QuantLoRALinear
+
+        if r % num_experts:
+            raise ValueError(f"r={r} is not divisible by num_experts={num_experts}")
+        if gate is not None and gate.gate.out_features != num_experts:
+            raise ValueError(f"the gate has {gate.gate.out_features} experts, num_experts is {num_experts}")
+        layer = (QuantLoRALinear.from_linear(linear, r=r, quant_type=quant_type, **lora_kwargs) if quant_type
+                 else LoRALinear.from_linear(linear, r=r, **lora_kwargs))
+        with torch.no_grad():
+            nn.init.normal_(layer.lora_A.weight, std=0.01)
+        if gate is not None:
+            layer.set_rank_scaler(TaskRankScale(gate, r), register=False)
+        else:
+            layer.set_rank_scaler(TokenRouter(layer.in_features, num_experts, r, top_k, aux_loss_coef,
+                                              device=layer.lora_A.weight.device))
+        return layer
