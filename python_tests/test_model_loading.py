@@ -118,3 +118,29 @@ def test_missing_unexpected_and_nan_tensors(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="pickle"):
         load_quantized(tmp_path, device="cpu")
+
+
+def test_bitsandbytes_parts_split_across_shards(tmp_path):
+    """A layer's packed weight in one shard and its quantization entries in another still loads as stored."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(_config())
+    sd = {k: v.clone() for k, v in dense.state_dict().items()}
+    name = "model.layers.0.mlp.up_proj"
+    q = bnb.nn.Linear4bit(64, 192, bias=False, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(sd[name + ".weight"].clone(), requires_grad=False, quant_type="nf4",
+                                 compress_statistics=True, blocksize=64)
+    qsd = q.to("cpu").state_dict()
+    del sd[name + ".weight"]
+    first = {k: v for k, v in sd.items() if not k.startswith("model.layers.1")}
+    first[name + ".weight"] = qsd["weight"]
+    second = {k: v for k, v in sd.items() if k.startswith("model.layers.1")}
+    second.update({f"{name}.{k}": v for k, v in qsd.items() if k != "weight"})
+    dense.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in first.items()}, str(tmp_path / "a.safetensors"))
+    save_file({k: v.contiguous() for k, v in second.items()}, str(tmp_path / "b.safetensors"))
+    weight_map = {**{k: "a.safetensors" for k in first}, **{k: "b.safetensors" for k in second}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model = load_quantized(tmp_path, QLoRAConfig(r=4, compute_dtype=torch.float32), dtype=torch.float32,
+                           device="cpu", verbose=False)
+    assert torch.equal(model.get_submodule(name).weight.flatten(), qsd["weight"].flatten())

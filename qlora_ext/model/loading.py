@@ -128,11 +128,14 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
     def account(in_flight: int) -> None:
         stats["peak_bytes"] = max(stats["peak_bytes"], live + in_flight)
 
-    for shard in shards:
-        try:
-            f = safe_open(str(shard), framework="pt", device="cpu")
+    handles = []
+    for shard in shards:  # open every shard first: a corrupt one fails before any work, and the key
+        try:              # lists tell which layers are stored 4-bit even when their parts straddle shards
+            handles.append(safe_open(str(shard), framework="pt", device="cpu"))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{shard} is not a readable safetensors file: {e}") from None
+    stored_4bit = {k[: -len(".weight.absmax")] for f in handles for k in f.keys() if k.endswith(".weight.absmax")}
+    for f in handles:
         with f:
             for key in f.keys():
                 owner, _, attr = key.rpartition(".")
@@ -140,7 +143,7 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
                 if layer_name in target_set:  # a bitsandbytes quantization entry
                     pending.setdefault(layer_name, {})["weight." + rest] = f.get_tensor(key)
                     continue
-                if owner in target_set and attr == "weight" and (owner + ".weight.absmax") in f.keys():
+                if owner in target_set and attr == "weight" and owner in stored_4bit:
                     pending.setdefault(owner, {})["weight"] = f.get_tensor(key)
                     continue
                 t = f.get_tensor(key)
@@ -164,7 +167,7 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
                     continue
                 live += _nbytes(t) if not t.is_floating_point() else t.numel() * dtype.itemsize
                 account(0)
-            for name in [n for n, parts in pending.items() if "weight" in parts and "weight.absmax" in parts]:
+            for name in [n for n, parts in pending.items() if _complete_4bit(parts)]:
                 _load_bnb_layer(model.get_submodule(name), pending.pop(name), name, device, config)
                 live = _model_bytes(model)
                 account(0)
@@ -191,6 +194,26 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
     stats["peak_bytes"] = max(stats["peak_bytes"], stats["final_bytes"])  # the adapters come last
     model.qlora_load_stats = stats
     return model
+
+
+def _complete_4bit(parts: dict) -> bool:
+    """All of a bitsandbytes layer's entries are in: the packed weight, absmax, the code table, the
+    quant-state blob, and the nested pair when double-quantized."""
+    have = set(parts)
+    need = {"weight", "weight.absmax", "weight.quant_map"}
+    if not need <= have or not any(k.startswith("weight.quant_state.") for k in have):
+        return False
+    nested = {"weight.nested_absmax", "weight.nested_quant_map"}
+    return nested <= have or not (nested & have) and _blob_says_not_nested(parts)
+
+
+def _blob_says_not_nested(parts: dict) -> bool:
+    blob = next(v for k, v in parts.items() if k.startswith("weight.quant_state."))
+    try:
+        meta = json.loads(bytes(blob.to(torch.uint8).tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return True  # malformed: let QuantState.from_dict report it
+    return "nested_blocksize" not in meta and "nested_offset" not in meta
 
 
 def _load_bnb_layer(layer: nn.Module, parts: dict[str, torch.Tensor], name: str, device, config: QLoRAConfig) -> None:
