@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory_65b import build_bnb_peft, build_ours, train_step  # noqa: E402
+from memory_65b import _release, build_bnb_peft, build_ours, train_step  # noqa: E402
 from timing import format_table  # noqa: E402
 
 
@@ -44,8 +44,7 @@ def main() -> None:
         r = train_step(model, opt, args.seq, args.device, steps=args.steps)
         rows.append(dict(stack=name, shape=args.shape, **r))
         del model, opt
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+        _release()
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs_bf16_lora"] = r["tokens_per_s"] / base

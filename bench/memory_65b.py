@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -82,16 +83,21 @@ def build_bnb_peft(shape: str, device: str):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, q)
             del w
-    for m in model.modules():
+    for mname, m in model.named_modules():
         for pname, p in list(m.named_parameters(recurse=False)):
             if p.is_meta:
-                m._parameters[pname] = nn.Parameter(torch.empty(p.shape, device=device, dtype=torch.bfloat16).normal_(0, 0.02),
-                                                    requires_grad=False)
+                t = torch.empty(p.shape, device=device, dtype=torch.bfloat16)
+                if "norm" in mname:  # as ours: norms start at 1
+                    t.fill_(1.0)
+                else:
+                    t.normal_(0, 0.02)
+                m._parameters[pname] = nn.Parameter(t, requires_grad=False)
     for m in model.modules():
         for bname, b in list(m.named_buffers(recurse=False)):
             if b.is_meta:
                 fresh = type(m)(config=cfg)
                 m._buffers[bname] = getattr(fresh, bname).to(device)
+    model.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps with its bnb Linear4bit LoRA layer
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
@@ -122,23 +128,47 @@ def train_step(model, opt, seq: int, device: str, steps: int = 2) -> dict:
     return dict(seq=seq, step_s=step_s, tokens_per_s=seq / step_s, peak_GiB=peak / 2**30 if peak else None)
 
 
-def fits(model, opt, seq, device) -> dict | None:
-    try:
-        return train_step(model, opt, seq, device, steps=1)
-    except torch.cuda.OutOfMemoryError:
-        opt.zero_grad(set_to_none=True)
+def _release() -> None:
+    gc.collect()  # (patched forwards form reference cycles: free models now, not at some later collection)
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # pinned host blocks cached by earlier probes
+
+
+def fits(model, opt, seq, device, steps: int = 2) -> dict | None:
+    """One measured step (after a warm-up step) or None when it does not fit: out of GPU memory, or of
+    pinned host memory for the offloaded layer inputs (the host allocator rounds each to a power of 2)."""
+    try:
+        return train_step(model, opt, seq, device, steps=steps)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "memory" not in str(e).lower():
+            raise
+        opt.zero_grad(set_to_none=True)
+        _release()
         return None
 
 
 def longest(model, opt, device, lo: int, hi: int) -> int:
     """Bisect the longest sequence (multiple of 256) whose step fits under the cap."""
-    if fits(model, opt, lo, device) is None:
+    if fits(model, opt, lo, device, steps=1) is None:
         return 0
     while hi - lo > 256:
         mid = (lo + hi) // 2 // 256 * 256
-        lo, hi = (mid, hi) if fits(model, opt, mid, device) else (lo, mid)
+        lo, hi = (mid, hi) if fits(model, opt, mid, device, steps=1) else (lo, mid)
+        _release()
     return lo
+
+
+def host_bound(shape: str) -> int:
+    """The longest sequence whose offloaded layer inputs (bf16, each rounded up to a power of two by the
+    pinned allocator) fit in half of the host's memory: the search's upper end."""
+    H, _, L = SHAPES[shape][:3]
+    budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    seq = 256
+    while L * (1 << (2 * H * seq * 2 - 1).bit_length()) <= budget and seq < SHAPES[shape][7]:
+        seq *= 2
+    return seq
 
 
 def main() -> None:
@@ -173,18 +203,25 @@ def main() -> None:
             print("bitsandbytes/peft not installed: ours only")
     for name, build in builders:
         t0 = time.perf_counter()
-        model, opt = build()
+        try:
+            model, opt = build()
+        except torch.cuda.OutOfMemoryError:
+            print(f"{name}: does not fit under the {args.cap_gb:g} GiB cap even to load")
+            rows.append(dict(stack=name, shape=args.shape, seq=None, step_s=None))
+            _release()
+            continue
         loaded = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else None
         print(f"{name}: built in {time.perf_counter() - t0:.0f} s" + (f", {loaded:.1f} GiB after loading" if loaded else ""))
         model.train()
         for seq in seqs:
-            r = fits(model, opt, seq, args.device) if args.device == "cuda" else train_step(model, opt, seq, args.device, 1)
+            r = fits(model, opt, seq, args.device) if args.device == "cuda" else train_step(model, opt, seq, args.device, 2)
             rows.append(dict(stack=name, shape=args.shape, loaded_GiB=loaded, **(r or dict(seq=seq, step_s=None))))
         if args.search and args.device == "cuda":
-            rows.append(dict(stack=name, shape=args.shape, longest_seq=longest(model, opt, args.device, 512, positions)))
+            hi = min(positions, host_bound(args.shape)) if name == "ours" and not args.plain else positions
+            rows.append(dict(stack=name, shape=args.shape, longest_seq=longest(model, opt, args.device, 512, hi),
+                             searched_up_to=hi))
         del model, opt
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+        _release()
     print(qlora_ext.kernels_in_use(args.device))
     print(format_table(rows, ["stack", "shape", "seq", "loaded_GiB", "peak_GiB", "step_s", "tokens_per_s", "longest_seq"]))
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

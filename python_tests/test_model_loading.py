@@ -144,3 +144,14 @@ def test_bitsandbytes_parts_split_across_shards(tmp_path):
     model = load_quantized(tmp_path, QLoRAConfig(r=4, compute_dtype=torch.float32), dtype=torch.float32,
                            device="cpu", verbose=False)
     assert torch.equal(model.get_submodule(name).weight.flatten(), qsd["weight"].flatten())
+
+
+def test_config_and_weights_that_disagree(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_config())
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["vocab_size"] = 90
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"\.weight: the checkpoint has shape \(96, 64\), the model's config says \(90, 64\)"):
+        load_quantized(tmp_path, device="cpu")

@@ -140,3 +140,22 @@ def test_cli_errors(tiny_lm, tmp_path, capsys):
     assert cli_main(["finetune", "--model", str(tiny_lm), "--data", str(good), "--output", str(tmp_path / "r"),
                      "--resume", "--no-progress"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_jsonl_with_a_byte_order_mark(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\r\n')
+    assert [r["response"] for r in read_jsonl(p)] == ["first", "second"]
+
+
+def test_resume_refuses_changed_settings_and_long_prompts(tiny_lm, trec_jsonl, tmp_path):
+    _run(tiny_lm, trec_jsonl, tmp_path / "a", steps=2)
+    with pytest.raises(ValueError, match="changed: .*'batch_size'"):
+        from qlora_ext import QLoRAConfig
+        causal_lm.finetune(str(tiny_lm), str(trec_jsonl), str(tmp_path / "a"), steps=4, batch_size=4, lr=3e-3,
+                           seq_len=48, config=QLoRAConfig(r=4, lora_dropout=0.1), progress=False, eval_every=0,
+                           resume=True)
+    long = tmp_path / "long.jsonl"
+    long.write_text(('{"instruction": "' + "word " * 80 + '", "response": "x"}\n') * 12)
+    with pytest.raises(ValueError, match="no training record has a response token within --seq-len=48"):
+        _run(tiny_lm, long, tmp_path / "b", steps=1)

@@ -61,6 +61,10 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, device, dtype) 
         owner = model.get_submodule(owner_name) if owner_name else model
     except AttributeError:
         return False
+    current = owner._parameters.get(attr, owner._buffers.get(attr))
+    if current is not None and tuple(current.shape) != tuple(value.shape):
+        raise ValueError(f"{key}: the checkpoint has shape {tuple(value.shape)}, the model's config says "
+                         f"{tuple(current.shape)} (config.json and the weights disagree)")
     if value.is_floating_point():
         value = value.to(dtype)
     if attr in owner._parameters:
@@ -147,8 +151,14 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
                     pending.setdefault(owner, {})["weight"] = f.get_tensor(key)
                     continue
                 t = f.get_tensor(key)
+                if owner in stored_4bit and owner not in target_set:
+                    raise ValueError(f"{owner} is stored 4-bit (bitsandbytes) but is not among target_modules: "
+                                     "include it (every 4-bit layer becomes a LoRA layer) — dequantizing it is not done")
                 if owner in target_set and attr == "weight":
                     layer = model.get_submodule(owner)
+                    if tuple(t.shape) != (layer.out_features, layer.in_features):
+                        raise ValueError(f"{key}: the checkpoint has shape {tuple(t.shape)}, the model's config says "
+                                         f"{(layer.out_features, layer.in_features)}")
                     stats["largest_dense_bytes"] = max(stats["largest_dense_bytes"], _nbytes(t))
                     account(_nbytes(t))
                     w = t.to(device)

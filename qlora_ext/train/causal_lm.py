@@ -134,6 +134,9 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
         train_ex = pack(train_ex, seq_len)
         if not train_ex:
             raise ValueError(f"the training records hold fewer than --seq-len={seq_len} tokens: nothing to pack")
+    if not train_ex:
+        raise ValueError(f"no training record has a response token within --seq-len={seq_len} "
+                         "(prompts at least that long): raise --seq-len")
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     prepare_model(model, config, device=dev)
@@ -143,8 +146,16 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     loop = LoopState()
+    settings = {"data_sha1": hashlib.sha1(Path(data_path).read_bytes()).hexdigest(), "batch_size": batch_size,
+                "grad_accum": grad_accum, "seq_len": seq_len, "packing": packing, "eval_fraction": eval_fraction,
+                "seed": seed, "lr": lr, "optim": optim, "config": config.to_dict()}
     if resume:
-        loop, _ = load_checkpoint(ckpt, model, opt)
+        loop, extra = load_checkpoint(ckpt, model, opt)
+        changed = {k: (extra.get("settings", {}).get(k), v) for k, v in settings.items()
+                   if extra.get("settings", {}).get(k) != v}
+        if changed:
+            raise ValueError("resuming needs the settings the checkpoint was trained with (the batch order and the "
+                             f"optimizer depend on them); changed: {changed}")
         rng_restore(loop.rng)
         print(f"resumed from {ckpt} at step {loop.step}")
     evaluate = (lambda: eval_loss(model, eval_ex, batch_size, pad_id, dev)) if eval_ex else None
@@ -155,7 +166,7 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
         return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
 
     def save(state):
-        save_checkpoint(ckpt, model, opt, state, {"data": str(data_path), "model": str(model_dir)})
+        save_checkpoint(ckpt, model, opt, state, {"data": str(data_path), "model": str(model_dir), "settings": settings})
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

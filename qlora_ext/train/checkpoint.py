@@ -115,7 +115,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     optimizer.load_state_dict(_join_optimizer_state(load_file(str(d / OPTIM_NAME)), state["optimizer"]))
     rng_t = load_file(str(d / RNG_NAME))
     rng = {"cpu": rng_t["cpu"]}
-    cuda = [rng_t[k] for k in sorted(k for k in rng_t if k.startswith("cuda"))]
+    cuda = [rng_t[k] for k in sorted((k for k in rng_t if k.startswith("cuda")), key=lambda k: int(k[4:]))]
     if cuda:
         rng["cuda"] = cuda
     loop = LoopState(step=state["step"], losses=state["losses"], evals=state["evals"], rng=rng)

@@ -45,6 +45,8 @@ def _encode(tokenizer, texts: list[str], device, max_length: int) -> dict:
 
 
 def _batches(data: list[tuple[str, int]], tokenizer, batch_size: int, seed: int, device, max_length: int):
+    if len(data) < batch_size:
+        raise ValueError(f"{len(data)} training examples are fewer than one batch of {batch_size}")
     rng = random.Random(seed)
     order = list(range(len(data)))
     while True:

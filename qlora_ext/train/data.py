@@ -89,7 +89,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # (a BOM is skipped)
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -147,7 +147,7 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
 def longest_context(model: nn.Module, hf_config, gpu_bytes: int, config: QLoRAConfig, batch: int = 1,
                     optim: str = "paged_adamw_32bit") -> int:
     """The longest sequence (tokens, up to the model's positions) whose plan fits ``gpu_bytes``; 0 if none."""
-    hi = int(getattr(hf_config, "max_position_embeddings", 1 << 20))
+    hi = int(getattr(hf_config, "max_position_embeddings", None) or 1 << 20)
     fits = lambda s: plan_from_model(model, hf_config, s, batch, config, optim).fits(gpu_bytes)  # noqa: E731
     if not fits(1):
         return 0
