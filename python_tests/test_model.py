@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qlora_ext import QLoRAConfig, load_adapter, merge_and_unload, prepare_model, save_adapter
-from qlora_ext.nn import LoRALinear, QuantLoRALinear
+from qlora_ext.nn import QuantLoRALinear
 from qlora_ext.nn.lora import LoRALayer
 
 transformers = pytest.importorskip("transformers")

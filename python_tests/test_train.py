@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from qlora_ext.cli import main as cli_main
 from qlora_ext.train import causal_lm

@@ -7,7 +7,6 @@ training), a transformers ``TrainerCallback`` that always drives the allocator, 
 ADALORA format."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,9 +194,7 @@ def adalora_callback(model: nn.Module):
 def save_adalora_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """PEFT's ADALORA format: lora_A/lora_E/lora_B sliced to the kept ranks, ``rank_pattern`` as lists of
     booleans (all True before any allocation)."""
-    from safetensors.torch import save_file
-
-    from .adapter import _target_modules_for_peft, _write_atomically
+    from .adapter import _target_modules_for_peft, write_peft_adapter
 
     config: AdaLoRAConfig = model.qlora_config
     layers = adalora_layers(model)
@@ -219,12 +216,7 @@ def save_adalora_adapter(model: nn.Module, directory: str | os.PathLike) -> Path
         "rank_pattern": {f"{n}.lora_E": pattern[n] for n in layers}, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
     }
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomically(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(peft_config, indent=2) + "\n"))
-    _write_atomically(out / "qlora_ext_config.json", lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2)))
-    return out
+    return write_peft_adapter(directory, tensors, peft_config, config)
 
 
 @torch.no_grad()
@@ -232,18 +224,12 @@ def load_adalora_adapter(model: nn.Module, cfg: dict, tensors: dict[str, torch.T
                          **overrides) -> nn.Module:
     """Loads an ADALORA adapter (PEFT's or ours): prepares the model with its settings, then, as PEFT
     does on load, slices each layer to its rank pattern (keeping ranknum, so the scaling is the trained one)."""
+    from .adapter import config_from_adapter
     from .prepare import prepare_model
 
-    ours = dict(cfg.get("qlora_ext") or {})
-    kw = {k: ours[k] for k in ("quant_type", "blocksize", "double_quant", "compute_dtype") if k in ours}
-    kw.update({k: cfg[k] for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
-                                   "orth_reg_weight", "total_step", "lora_alpha", "lora_dropout") if cfg.get(k) is not None})
     targets = cfg.get("target_modules")
-    kw["target_modules"] = targets if isinstance(targets, str) else list(targets or [])
-    kw.update(overrides)
-    kw.setdefault("total_step", 1)
     if not adalora_layers(model):
-        prepare_model(model, AdaLoRAConfig(**kw), verbose=False)
+        prepare_model(model, config_from_adapter(cfg, **overrides), verbose=False)
     pattern = cfg.get("rank_pattern") or {}
     for n, m in adalora_layers(model).items():
         key_pattern = pattern.get(f"{n}.lora_E")

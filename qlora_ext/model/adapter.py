@@ -96,11 +96,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "inference_mode": True, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
         "layers_to_transform": None, "layers_pattern": None,
     }
+    return write_peft_adapter(directory, tensors, peft_config, config)
+
+
+def write_peft_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], peft_config: dict,
+                       config: QLoRAConfig) -> Path:
+    """The adapter folder, each file written atomically: PEFT's two files, and ours beside them (PEFT
+    warns on unknown keys in its own) with the 4-bit settings the adapter was trained over."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomically(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _write_atomically(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2) + "\n"))
-    # ours, beside PEFT's (which warns on unknown keys): the 4-bit settings the adapter was trained over
     _write_atomically(out / QLORA_CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config.to_dict(), indent=2)))
     return out
 
@@ -135,9 +141,12 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     return cfg
 
 
+_ADALORA_KEYS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
+
+
 def config_from_adapter(cfg: dict, **overrides) -> QLoRAConfig:
-    """A QLoRAConfig with the adapter's LoRA settings (4-bit settings from ``overrides``, else the ones
-    the adapter was saved with by us, else the defaults)."""
+    """A QLoRAConfig (an AdaLoRAConfig for ADALORA adapters) with the adapter's settings (4-bit settings
+    from ``overrides``, else the ones the adapter was saved with by us, else the defaults)."""
     ours = dict(cfg.get("qlora_ext") or {})
     kw = dict(quant_type=ours.get("quant_type", "nf4"), blocksize=ours.get("blocksize", 64),
               double_quant=ours.get("double_quant", True), compute_dtype=ours.get("compute_dtype", "bfloat16"))
@@ -145,6 +154,14 @@ def config_from_adapter(cfg: dict, **overrides) -> QLoRAConfig:
               use_rslora=cfg.get("use_rslora", False), modules_to_save=list(cfg.get("modules_to_save") or []))
     targets = cfg.get("target_modules")
     kw["target_modules"] = targets if isinstance(targets, str) else list(targets or [])
+    if cfg.get("peft_type") == "ADALORA":
+        from .adalora import AdaLoRAConfig
+
+        kw.pop("r")  # init_r
+        kw.update({k: cfg[k] for k in _ADALORA_KEYS if cfg.get(k) is not None})
+        kw.update(overrides)
+        kw.setdefault("total_step", 1)  # (an inference load: the schedule is over)
+        return AdaLoRAConfig(**kw)
     kw.update(overrides)
     return QLoRAConfig(**kw)
 

@@ -6,7 +6,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codes import NESTED_BLOCKSIZE
 from ..functional import QuantState, dequantize_4bit, qlora_linear, quantize_4bit
 from .lora import InitLoRA, LoRALayer
 
