@@ -131,8 +131,7 @@ class QuantState:
             raise ValueError(f"state_dict has several quant_state entries under prefix {prefix!r}: {packed_keys}")
         meta: dict[str, Any] = {}
         if packed_keys:
-            raw = items[packed_keys[0]]
-            meta = json.loads(bytes(raw.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
+            meta = decode_quant_state_blob(items[packed_keys[0]])
         else:
             meta = {k: items[k] for k in ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize",
                                           "nested_offset") if k in items}
@@ -284,6 +283,11 @@ def dequantize_4bit(
         raise ValueError("packed must be contiguous")
     data, absmax, blocksize, quant_type, nested = _state_args(packed, state)
     return torch.ops.qlora.dequantize_4bit(data, absmax, blocksize, quant_type, list(state.shape), out_dtype, *nested)
+
+
+def decode_quant_state_blob(raw: torch.Tensor) -> dict[str, Any]:
+    """The JSON bitsandbytes packs into a uint8 tensor (``weight.quant_state.bitsandbytes__nf4``)."""
+    return json.loads(bytes(raw.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
 
 
 def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:

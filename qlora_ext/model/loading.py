@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..functional import QuantState
+from ..functional import QuantState, decode_quant_state_blob
 from ..nn import LoRALinear, QuantLoRALinear
 from .config import QLoRAConfig
 from .prepare import _set_submodule, finish_preparation
@@ -220,7 +220,7 @@ def _complete_4bit(parts: dict) -> bool:
 def _blob_says_not_nested(parts: dict) -> bool:
     blob = next(v for k, v in parts.items() if k.startswith("weight.quant_state."))
     try:
-        meta = json.loads(bytes(blob.to(torch.uint8).tolist()).decode("utf-8"))
+        meta = decode_quant_state_blob(blob)
     except (ValueError, UnicodeDecodeError):
         return True  # malformed: let QuantState.from_dict report it
     return "nested_blocksize" not in meta and "nested_offset" not in meta
