@@ -29,7 +29,7 @@ from timing import format_table  # noqa: E402
 
 import qlora_ext  # noqa: E402
 from qlora_ext import QLoRAConfig  # noqa: E402
-from qlora_ext.model.loading import build_random_quantized  # noqa: E402
+from qlora_ext.model.loading import build_random_quantized, fill_meta_parameters, fix_meta_buffers  # noqa: E402
 from qlora_ext.optim import PagedAdamW  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, r, positions
@@ -83,20 +83,8 @@ def build_bnb_peft(shape: str, device: str):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, q)
             del w
-    for mname, m in model.named_modules():
-        for pname, p in list(m.named_parameters(recurse=False)):
-            if p.is_meta:
-                t = torch.empty(p.shape, device=device, dtype=torch.bfloat16)
-                if "norm" in mname:  # as ours: norms start at 1
-                    t.fill_(1.0)
-                else:
-                    t.normal_(0, 0.02)
-                m._parameters[pname] = nn.Parameter(t, requires_grad=False)
-    for m in model.modules():
-        for bname, b in list(m.named_buffers(recurse=False)):
-            if b.is_meta:
-                fresh = type(m)(config=cfg)
-                m._buffers[bname] = getattr(fresh, bname).to(device)
+    fill_meta_parameters(model, device, torch.bfloat16)  # as ours: N(0, 0.02), norms 1
+    fix_meta_buffers(model, cfg, device)
     model.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps with its bnb Linear4bit LoRA layer
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()

@@ -76,7 +76,22 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, device, dtype) 
     return True
 
 
-def _fix_meta_buffers(model: nn.Module, hf_config, device) -> None:
+@torch.no_grad()
+def fill_meta_parameters(model: nn.Module, device, dtype: torch.dtype, std: float = 0.02) -> None:
+    """Every parameter still on the meta device gets random values on ``device`` (N(0, std); norms 1),
+    frozen: random-weight models of a real shape, one tensor at a time."""
+    for name, m in model.named_modules():
+        for pname, p in list(m.named_parameters(recurse=False)):
+            if p.is_meta:
+                t = torch.empty(p.shape, device=device, dtype=dtype)
+                if "norm" in name:  # norms start at 1, as initialized
+                    t.fill_(1.0)
+                else:
+                    t.normal_(0.0, std)
+                m._parameters[pname] = nn.Parameter(t, requires_grad=False)
+
+
+def fix_meta_buffers(model: nn.Module, hf_config, device) -> None:
     """Non-persistent buffers (rotary inverse frequencies) are not in checkpoints: rebuild the small
     modules that own them on the real device."""
     for name, m in list(model.named_modules()):
@@ -189,7 +204,7 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
                          "(a checkpoint of another architecture?)")
     if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
-    _fix_meta_buffers(model, hf_config, device)
+    fix_meta_buffers(model, hf_config, device)
     for name, m in model.named_modules():  # fresh adapters (they were shells on meta)
         if isinstance(m, (QuantLoRALinear, LoRALinear)):
             m.lora_A.to_empty(device=device)
@@ -265,19 +280,9 @@ def build_random_quantized(hf_config, config: QLoRAConfig | None = None, *, devi
             dense.bias = nn.Parameter(torch.zeros(lin.out_features, device=device, dtype=dtype), requires_grad=False)
         _set_submodule(model, name, layer_cls.from_linear(dense, **config.lora_kwargs()))
         del w, dense
-    for name, m in model.named_modules():
-        if name in targets or any(name.startswith(t + ".") for t in targets):
-            continue
-        for pname, p in list(m.named_parameters(recurse=False)):
-            if p.is_meta:
-                t = torch.empty(p.shape, device=device, dtype=dtype)
-                if "norm" in name:  # norms start at 1, as initialized
-                    t.fill_(1.0)
-                else:
-                    t.normal_(0.0, std)
-                m._parameters[pname] = nn.Parameter(t, requires_grad=False)
+    fill_meta_parameters(model, device, dtype, std)
     if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
-    _fix_meta_buffers(model, hf_config, device)
+    fix_meta_buffers(model, hf_config, device)
     finish_preparation(model, config, device=device, verbose=verbose, n_layers=len(targets))
     return model
