@@ -92,8 +92,8 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
     tokens, t0 = 0, time.perf_counter()
     try:
         model.train()
+        state.rng = rng_snapshot()  # the boundary before the first step; then after each step
         while state.step < steps:
-            state.rng = rng_snapshot()
             total = 0.0
             for _ in range(grad_accum):
                 batch = next(batches)
