@@ -65,9 +65,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must share (batch, seq)")
     targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(hidden.device)
     vocab = weight.shape[0]
-    if bool(((targets >= vocab) | ((targets < 0) & (targets != IGNORE))).any()):
+    valid = targets != IGNORE
+    # one device-to-host read per call: how many labels are out of range, how many count
+    n_bad, n_valid = torch.stack([((targets >= vocab) | ((targets < 0) & valid)).sum(), valid.sum()]).tolist()
+    if n_bad:
         raise ValueError(f"labels must be token ids in [0, {vocab}) or {IGNORE}")
-    n_valid = int((targets != IGNORE).sum())  # (no valid token: NaN, as transformers' mean gives)
+    # (no valid token: NaN, as transformers' mean gives)
     denom = float(num_items_in_batch) if num_items_in_batch is not None else (float(n_valid) if n_valid else float("nan"))
     return _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets, chunk_size, denom)
 
