@@ -242,3 +242,16 @@ def test_bf16_options_keep_the_model_dtype(llama):
     assert layer.lora_A.weight.grad.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="lora_dtype"):
         QLoRAConfig(lora_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("field,value,message", [("use_dora", True, "use_dora=True is not supported"),
+                                                 ("bias", "all", "bias='all' is not supported"),
+                                                 ("rank_pattern", {"q_proj": 2}, "per-layer rank_pattern")])
+def test_adapter_features_we_do_not_load(llama, tmp_path, field, value, message):
+    make, _ = llama
+    save_adapter(prepare_model(make(), QLoRAConfig(r=4, quant_type=None), verbose=False), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        load_adapter(make(), tmp_path)

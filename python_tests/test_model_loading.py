@@ -73,6 +73,8 @@ def test_bitsandbytes_checkpoint_loads_without_requantization(tmp_path):
     dense.config.save_pretrained(tmp_path)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
 
+    with pytest.raises(ValueError, match=r"mlp.down_proj is stored 4-bit \(bitsandbytes\) but is not among target_modules"):
+        load_quantized(tmp_path, QLoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), device="cpu")
     model = load_quantized(tmp_path, QLoRAConfig(r=4, compute_dtype=torch.float32), dtype=torch.float32,
                            device="cpu", verbose=False)
     q_proj = model.model.layers[1].self_attn.q_proj

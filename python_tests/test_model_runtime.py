@@ -139,3 +139,49 @@ def test_chunked_loss_output_order():
     assert out.to_tuple()[0] is out.loss and out[0] is out.loss
     tup = model(input_ids=ids, labels=ids, return_dict=False)
     assert isinstance(tup, tuple) and tup[0].dim() == 0
+
+
+def test_new_checks_name_what_is_wrong(tmp_path):
+    from qlora_ext.memory import chunked_cross_entropy
+    from qlora_ext.nn import MoELoRALinear, TaskGate
+    from qlora_ext.train.classify import _batches
+    with pytest.raises(ValueError, match=r"hidden \(1, 3, 4\) and labels \(1, 2\) must share"):
+        chunked_cross_entropy(torch.randn(1, 3, 4), torch.randn(5, 4), torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="router must be 'task' or 'token'"):
+        MoELoRAConfig(r=4, num_experts=2, router="hash")
+    with pytest.raises(ValueError, match="num_experts must be a positive int"):
+        MoELoRAConfig(r=4, num_experts=0)
+    with pytest.raises(ValueError, match="num_tasks must be >= 1"):
+        MoELoRAConfig(r=4, num_experts=2, num_tasks=0)
+    with pytest.raises(ValueError, match="deltaT must be >= 1"):
+        AdaLoRAConfig(total_step=10, deltaT=0)
+    with pytest.raises(ValueError, match="the gate has 3 experts, num_experts is 2"):
+        MoELoRALinear.from_linear(torch.nn.Linear(8, 8), r=4, num_experts=2, gate=TaskGate(2, 4, 3), quant_type=None)
+    with pytest.raises(ValueError, match="chunked_mlp and offload_activations are not supported with router='token'"):
+        prepare_model(_make(), MoELoRAConfig(r=4, num_experts=2, router="token", chunked_mlp=True), verbose=False)
+    with pytest.raises(ValueError, match="fewer than one batch of 32"):
+        next(_batches([("a", 0)] * 3, None, 32, 0, "cpu", 8))
+
+
+def test_checkpoint_for_another_model_and_double_backward(tmp_path):
+    ids = torch.randint(0, 128, (1, 6))
+    a = prepare_model(_make(), QLoRAConfig(r=4, quant_type=None), verbose=False)
+    opt = PagedAdamW([p for p in a.parameters() if p.requires_grad])
+    save_checkpoint(tmp_path / "ck", a, opt, LoopState())
+    b = prepare_model(_make(), QLoRAConfig(r=4, quant_type=None, target_modules=["q_proj"]), verbose=False)
+    with pytest.raises(ValueError, match="trainable tensors .* do not match the model's"):
+        load_checkpoint(tmp_path / "ck", b, PagedAdamW([p for p in b.parameters() if p.requires_grad]))
+    off = prepare_model(_make(), QLoRAConfig(r=4, quant_type=None, offload_activations=True), verbose=False).train()
+    loss = off(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="offloaded input was already used"):
+        loss.backward()
+
+
+def test_estimate_refuses_sequences_past_the_positions(tmp_path):
+    from qlora_ext.train.estimate import estimate
+    tiny_llama_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="seq_len=65 is longer than the model's 64 positions"):
+        estimate(tmp_path, seq_len=65)
+    with pytest.raises(ValueError, match="gradient-checkpointed runs"):
+        estimate(tmp_path, seq_len=8, config=QLoRAConfig(gradient_checkpointing=False))
