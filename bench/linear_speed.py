@@ -106,12 +106,17 @@ def gpu_bench(rows: list, ceilings: dict) -> None:
             for name, (fn, _) in variants.items():
                 with torch.no_grad():
                     res[name] = _cuda_ms(lambda fn=fn: fn(x), reps=50)
+            os.environ["QLORA_EXT_GEMV"] = "tc"  # the tensor-core decode kernel (opt-in until measured)
+            with torch.no_grad():
+                fused = variants["ours (fused)"][0]
+                res["ours (tc decode)"] = _cuda_ms(lambda: fused(x), reps=50)
+            os.environ.pop("QLORA_EXT_GEMV")
             for name, ms in res.items():
                 rows.append(dict(device=torch.cuda.get_device_name(), work="decode", shape=f"{n}x{n}", rows=batch,
                                  r=16, dtype="bfloat16", variant=name, ms=ms,
                                  ours_speedup=ms / res["ours (fused)"],
                                  packed_frac_bw=(packed_bytes / (ms / 1e3) / 1e9 / ceilings["copy_GBps"]
-                                                 if name == "ours (fused)" else None)))
+                                                 if name.startswith("ours") else None)))
         for r in (16, 64):  # training: 4096 rows, forward + backward
             variants = _variants(w, r, dtype, dev)
             x = torch.randn(4096, n, device=dev, dtype=dtype, requires_grad=True)

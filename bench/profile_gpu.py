@@ -87,7 +87,7 @@ def linear_cases(rows, tops):
         dense = lambda x: nn.functional.linear(x, wd) + (x @ A.t()) @ B.t() * 2.0  # noqa: E731
         for m in (1, 4, 16):
             x = torch.randn(m, n, device=dev, dtype=dt)
-            for gemv in ("1", "0"):  # the decode kernel, then dequantize + cuBLAS
+            for gemv in ("1", "tc", "0"):  # CUDA-core and tensor-core decode kernels, dequantize + cuBLAS
                 os.environ["QLORA_EXT_GEMV"] = gemv
                 with torch.no_grad():
                     record(rows, tops, f"decode {n} rows={m}", f"ours gemv={gemv}", lambda: fused(x), reps=50,

@@ -220,11 +220,16 @@ def test_cuda_equals_cpu(cuda_device, rows):
     assert _rel(y_gpu.cpu(), y_cpu) < 1e-5  # TF32 is off by default for matmuls
 
 
-def _ran_decode_kernel(fn) -> bool:
+def _decode_kernels(fn) -> set[str]:
+    """Names of the decode kernels (CUDA-core "gemv_4bit_kernel", tensor-core "gemv_4bit_tc_kernel") fn ran."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return any("gemv_4bit" in e.name for e in prof.events())
+    return {k for e in prof.events() for k in ("gemv_4bit_kernel", "gemv_4bit_tc_kernel") if k in e.name}
+
+
+def _ran_decode_kernel(fn) -> bool:
+    return bool(_decode_kernels(fn))
 
 
 @pytest.mark.cuda
@@ -249,6 +254,53 @@ def test_cuda_decode_kernel_matches_reference(cuda_device, monkeypatch, dtype, r
         assert not _ran_decode_kernel(lambda: qlora_linear(x, packed, state, A, B, 0.5, b))
     floor = {torch.float32: 1e-6}.get(dtype, 0.5 * torch.finfo(dtype).eps)
     assert _rel(y, y64) <= max(2 * _rel(yp, y64), floor), (_rel(y, y64), _rel(yp, y64))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,in_f,out_f,bs,dq,qt", [
+    (1, 4096, 130, 64, True, "nf4"), (3, 1088, 77, 64, False, "fp4"), (8, 192, 300, 4096, True, "fp4"),
+    (9, 2048, 17, 128, False, "nf4"), (16, 64, 1, 64, True, "nf4"), (16, 8192, 1000, 256, True, "nf4"),
+    (2, 64, 13000, 64, False, "nf4")])
+def test_cuda_tensor_core_decode_kernel_matches_reference(cuda_device, monkeypatch, dtype, rows, in_f, out_f, bs,
+                                                          dq, qt):
+    """QLORA_EXT_GEMV=tc: the tensor-core decode kernel (fp16/bf16, <= 16 rows, in_features % 64 == 0,
+    blocksize >= 64) runs and equals the float64 reference within the plain-PyTorch error budget: one
+    and two mma N tiles (<= 8 and 9..16 rows), K split over the CTA's warps unevenly (K / 64 not a
+    multiple of 4), a partial 16-feature tile, one output, and more tiles than resident CTAs (the
+    persistent loop)."""
+    monkeypatch.setenv("QLORA_EXT_GEMV", "tc")
+    w, x, A, B, b = _operands((rows,), in_f, out_f, 8, dtype, cuda_device)
+    packed, state = quantize_4bit(w, blocksize=bs, quant_type=qt, double_quant=dq)
+    with torch.no_grad():
+        assert _decode_kernels(lambda: qlora_linear(x, packed, state, A, B, 0.5, b)) == {"gemv_4bit_tc_kernel"}
+        y = qlora_linear(x, packed, state, A, B, 0.5, b)
+        y_nolora = qlora_linear(x, packed, state, None, None, 0.5, None)
+        w_deq = dequantize_4bit(packed, state, out_dtype=torch.float32)
+        y64 = ref.qlora_linear(x.double(), w_deq.double(), A.double(), B.double(), 0.5, b.double())
+        yp = torch.nn.functional.linear(x, w_deq.to(dtype), b) + ((x @ A.t()) * 0.5) @ B.t()
+        y64_nolora = x.double() @ w_deq.double().t()
+        yp_nolora = torch.nn.functional.linear(x, w_deq.to(dtype))
+    eps = 0.5 * torch.finfo(dtype).eps
+    assert _rel(y, y64) <= max(2 * _rel(yp, y64), eps), (_rel(y, y64), _rel(yp, y64))
+    assert _rel(y_nolora, y64_nolora) <= max(2 * _rel(yp_nolora, y64_nolora), eps)
+
+
+@pytest.mark.cuda
+def test_cuda_tensor_core_mode_leaves_other_calls_to_the_other_paths(cuda_device, monkeypatch):
+    """QLORA_EXT_GEMV=tc serves only what the tensor-core kernel supports: float32 and blocksize 32 go to
+    the CUDA-core kernel, 17 rows to dequantize + cuBLAS; a value other than 0, 1 or tc is refused."""
+    monkeypatch.setenv("QLORA_EXT_GEMV", "tc")
+    with torch.no_grad():
+        for dtype, bs, rows, expect in ((torch.float32, 64, 2, {"gemv_4bit_kernel"}),
+                                        (torch.bfloat16, 32, 2, {"gemv_4bit_kernel"}),
+                                        (torch.bfloat16, 64, 17, set())):
+            w, x, A, B, b = _operands((rows,), 256, 40, 4, dtype, cuda_device)
+            packed, state = quantize_4bit(w, blocksize=bs)
+            assert _decode_kernels(lambda: qlora_linear(x, packed, state, A, B, 0.5, b)) == expect, (dtype, bs, rows)
+        monkeypatch.setenv("QLORA_EXT_GEMV", "fast")
+        with pytest.raises(ValueError, match="QLORA_EXT_GEMV must be 0, 1 or tc"):
+            qlora_linear(x, packed, state, A, B, 0.5, b)
 
 
 @pytest.mark.parametrize("out_f,in_f,bs", [(1000, 4200, 64), (4097, 1100, 64), (130, 33000, 4096)])

@@ -37,7 +37,9 @@ def kernels_in_use(device: str | None = None) -> str:
             raise RuntimeError(f"device {device!r} asked for, but no CUDA GPU is visible")
         import os
 
-        gemv = "off (QLORA_EXT_GEMV=0)" if os.environ.get("QLORA_EXT_GEMV") == "0" else "on"
+        gemv = {"0": "off (QLORA_EXT_GEMV=0)",
+                "tc": "on, tensor cores for fp16/bf16 up to 16 rows (QLORA_EXT_GEMV=tc)"}.get(
+                    os.environ.get("QLORA_EXT_GEMV", "1"), "on, CUDA cores up to 4 rows")
         return (f"qlora_ext: CUDA kernels on {torch.cuda.get_device_name(torch.device(device))}; "
                 f"fused decode kernel {gemv}")
     cuda_note = "CUDA kernels compiled in, no GPU visible" if built_with_cuda() else "CPU-only build"

@@ -10,8 +10,7 @@
 // up in a 16-entry shared table (16 distinct banks: conflict-free), the absmax is applied once per
 // 32-weight dot product, accumulation is float32. Requirements checked by the glue: in_features % 32 == 0,
 // blocksize >= 32, x and packed 16-byte aligned; otherwise the dequantize + cuBLAS path runs.
-#include "cuda/common.cuh"
-#include "cuda/gemv_4bit.h"
+#include "cuda/gemv_common.cuh"
 
 namespace qlora {
 namespace cuda {
@@ -22,17 +21,6 @@ constexpr int kRows = 4;     // output features per warp
 constexpr int kUnroll = 2;   // 1024-element K steps in flight
 constexpr int kLaneK = 32;   // weights per lane per step (16 bytes)
 constexpr int kWarpK = 32 * kLaneK;
-
-template <bool NESTED>
-__device__ __forceinline__ float absmax_of(const Gemv4bitArgs& a, const float* s_code8, float offset,
-                                           int64_t block) {
-  if constexpr (NESTED) {
-    return decode_absmax(s_code8[__ldg(a.nested.q + block)], __ldg(a.nested.absmax2 + (block >> a.nested.blocksize_log2)),
-                         offset);
-  } else {
-    return __ldg(a.absmax + block);
-  }
-}
 
 // 8 consecutive elements of x as float (16-byte aligned)
 __device__ __forceinline__ void load8(const float* p, float v[8]) {
@@ -81,7 +69,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_kernel(const Gemv4bitAr
         if (o < a.out_features && k < K) {
           const int64_t e = o * K + k;  // flattened element index, a multiple of 32
           w[u][j] = __ldcs(reinterpret_cast<const uint4*>(a.packed + (e >> 1)));
-          am[u][j] = absmax_of<NESTED>(a, s_code8, offset, e >> a.bs_log2);
+          am[u][j] = gemv_absmax<NESTED>(a, s_code8, offset, e >> a.bs_log2);
         } else {
           w[u][j] = make_uint4(0, 0, 0, 0);
           am[u][j] = 0.0f;

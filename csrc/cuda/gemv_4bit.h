@@ -8,7 +8,8 @@
 namespace qlora {
 namespace cuda {
 
-constexpr int kGemvMaxRows = 4;  // more rows: dequantize + cuBLAS (tensor cores win there)
+constexpr int kGemvMaxRows = 4;     // CUDA-core decode kernel; more rows: dequantize + cuBLAS
+constexpr int kGemvTcMaxRows = 16;  // tensor-core decode kernel (fp16/bf16, in_features % 64, blocksize >= 64)
 
 // y (rows x out_features) = x (rows x in_features) W^T [+ lora_xa (rows x rank) lora_B^T] [+ bias], all of
 // one dtype, contiguous, on the device; W is the 4-bit state (x and packed 16-byte aligned, in_features % 32 == 0, blocksize >= 32).
@@ -28,6 +29,11 @@ struct Gemv4bitArgs {
 };
 
 void gemv_4bit(const Gemv4bitArgs& args, DType dtype, cudaStream_t stream);
+
+// The same product on tensor cores (gemv_4bit_tc.cu): dtype F16 or BF16, rows <= kGemvTcMaxRows,
+// in_features % 64 == 0, blocksize >= 64, x and packed 16-byte aligned, compute capability >= 8.0.
+void gemv_4bit_tc(const Gemv4bitArgs& args, DType dtype, cudaStream_t stream);
+bool gemv_4bit_tc_device_ok();  // the current device has mma.sync for fp16/bf16 (compute capability >= 8.0)
 
 }  // namespace cuda
 }  // namespace qlora

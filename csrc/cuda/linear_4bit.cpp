@@ -4,6 +4,9 @@
 // - Decode path (<= kGemvMaxRows rows, in_features % 32 == 0, blocksize >= 32, 16-byte aligned x and
 //   packed): gemv_4bit.cu, one launch reading the packed weight once. On by default;
 //   QLORA_EXT_GEMV=0 turns it off (for A/B timing); qlora_ext.kernels_in_use() reports the setting.
+// - QLORA_EXT_GEMV=tc: the tensor-core decode kernel (gemv_4bit_tc.cu) for fp16/bf16 and up to
+//   kGemvTcMaxRows rows where its layout applies (in_features % 64 == 0, blocksize >= 64, compute
+//   capability >= 8.0); other calls take the paths above. Opt-in until measured on a GPU.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -33,9 +36,15 @@ at::Tensor dense_weight(const at::Tensor& act, const at::Tensor& packed, const a
                               nested_code, offset, nested_blocksize);
 }
 
-bool gemv_enabled() {
+enum class GemvMode { Off, CudaCores, TensorCores };
+
+GemvMode gemv_mode() {
   const char* v = std::getenv("QLORA_EXT_GEMV");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  if (v == nullptr) return GemvMode::CudaCores;
+  if (std::strcmp(v, "0") == 0) return GemvMode::Off;
+  if (std::strcmp(v, "tc") == 0) return GemvMode::TensorCores;
+  TORCH_CHECK_VALUE(std::strcmp(v, "1") == 0, "QLORA_EXT_GEMV must be 0, 1 or tc, got '", v, "'");
+  return GemvMode::CudaCores;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -50,7 +59,7 @@ at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                      const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
                      const std::optional<at::Tensor>& lora_xa, const std::optional<at::Tensor>& lora_B,
-                     const std::optional<at::Tensor>& bias) {
+                     const std::optional<at::Tensor>& bias, bool tensor_cores) {
   const std::vector<c10::SymInt> shape{c10::SymInt(out_features), c10::SymInt(in_features)};
   const DequantizeArgs q = check_dequantize_4bit_args(packed, absmax, blocksize, quant_type, shape,
                                                       x.scalar_type(), nested_absmax, nested_code, offset,
@@ -82,7 +91,10 @@ at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   }
   if (bias) a.bias = bias->const_data_ptr();
   a.y = y.mutable_data_ptr();
-  cuda::gemv_4bit(a, gemv_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream());
+  if (tensor_cores)
+    cuda::gemv_4bit_tc(a, gemv_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream());
+  else
+    cuda::gemv_4bit(a, gemv_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
@@ -96,10 +108,18 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   check_activation(x, "x", in_features, "in_features", /*allow_double=*/false);
   check_linear_4bit_extras(x, out_features, lora_xa, lora_B, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  if (gemv_enabled() && x.size(0) <= cuda::kGemvMaxRows && in_features % 32 == 0 && blocksize >= 32 &&
-      aligned16(packed.const_data_ptr()) && x.is_contiguous() && aligned16(x.const_data_ptr())) {
+  const GemvMode mode = gemv_mode();
+  const bool aligned = aligned16(packed.const_data_ptr()) && x.is_contiguous() && aligned16(x.const_data_ptr());
+  if (mode == GemvMode::TensorCores && aligned && x.scalar_type() != at::kFloat &&
+      x.size(0) <= cuda::kGemvTcMaxRows && in_features % 64 == 0 && blocksize >= 64 &&
+      cuda::gemv_4bit_tc_device_ok()) {
     return gemv_4bit(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
-                     nested_code, offset, nested_blocksize, lora_xa, lora_B, bias);
+                     nested_code, offset, nested_blocksize, lora_xa, lora_B, bias, /*tensor_cores=*/true);
+  }
+  if (mode != GemvMode::Off && aligned && x.size(0) <= cuda::kGemvMaxRows && in_features % 32 == 0 &&
+      blocksize >= 32) {
+    return gemv_4bit(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
+                     nested_code, offset, nested_blocksize, lora_xa, lora_B, bias, /*tensor_cores=*/false);
   }
   const at::Tensor w = dense_weight(x, packed, absmax, blocksize, quant_type, out_features, in_features,
                                     nested_absmax, nested_code, offset, nested_blocksize);
