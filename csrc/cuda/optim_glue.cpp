@@ -1,5 +1,5 @@
-// CUDA glue of the fused AdamW steps: checks, grouping by dtype, the (tensor, chunk) tables copied to
-// the device in one transfer, one launch per dtype group.
+// CUDA glue of the fused AdamW steps: checks, grouping by dtype, a table of the group's tensors (one
+// entry each, with its first chunk) copied to the device in one transfer, one launch per dtype group.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,28 +21,28 @@ cuda::DType optim_dtype(at::ScalarType st) {
   return st == at::kFloat ? cuda::DType::F32 : (st == at::kHalf ? cuda::DType::F16 : cuda::DType::BF16);
 }
 
-// Launches `launch(tensors, chunks, num_chunks, dtype)` once per parameter dtype with device tables.
+// Launches `launch(tensors, num_tensors, num_chunks, dtype)` once per parameter dtype with a device table.
 template <typename F>
 void for_each_dtype_group(at::TensorList params, const std::vector<cuda::AdamWTensor>& all, F&& launch) {
   std::map<at::ScalarType, std::vector<size_t>> groups;
   for (size_t i = 0; i < params.size(); ++i) groups[params[i].scalar_type()].push_back(i);
   for (const auto& [dtype, idx] : groups) {
     std::vector<cuda::AdamWTensor> tensors;
-    std::vector<cuda::AdamWChunk> chunks;
-    for (size_t k = 0; k < idx.size(); ++k) {
-      tensors.push_back(all[idx[k]]);
-      for (int64_t s = 0; s < all[idx[k]].n; s += cuda::kOptimChunk)
-        chunks.push_back({static_cast<int32_t>(k), s});
+    int64_t chunks = 0;
+    for (size_t k : idx) {
+      if (all[k].n == 0) continue;
+      tensors.push_back(all[k]);
+      tensors.back().first_chunk = chunks;
+      chunks += (all[k].n + cuda::kOptimChunk - 1) / cuda::kOptimChunk;
     }
-    if (chunks.empty()) continue;
-    const size_t tb = tensors.size() * sizeof(cuda::AdamWTensor), cb = chunks.size() * sizeof(cuda::AdamWChunk);
-    at::Tensor host = at::empty({static_cast<int64_t>(tb + cb)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    if (chunks == 0) continue;
+    TORCH_CHECK_VALUE(tensors.size() < (size_t{1} << 31), "too many parameter tensors in one step");
+    const size_t tb = tensors.size() * sizeof(cuda::AdamWTensor);
+    at::Tensor host = at::empty({static_cast<int64_t>(tb)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     std::memcpy(host.mutable_data_ptr<uint8_t>(), tensors.data(), tb);
-    std::memcpy(host.mutable_data_ptr<uint8_t>() + tb, chunks.data(), cb);
     const at::Tensor dev = host.to(params[idx[0]].device(), /*non_blocking=*/true);
-    const uint8_t* base = dev.const_data_ptr<uint8_t>();
-    launch(reinterpret_cast<const cuda::AdamWTensor*>(base), reinterpret_cast<const cuda::AdamWChunk*>(base + tb),
-           static_cast<int64_t>(chunks.size()), optim_dtype(dtype));
+    launch(reinterpret_cast<const cuda::AdamWTensor*>(dev.const_data_ptr<uint8_t>()),
+           static_cast<int>(tensors.size()), chunks, optim_dtype(dtype));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -57,12 +57,12 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "all params must be on one device");
     all.push_back({params[i].mutable_data_ptr(), grads[i].const_data_ptr(), exp_avgs[i].mutable_data_ptr(),
-                   exp_avg_sqs[i].mutable_data_ptr(), nullptr, nullptr, params[i].numel()});
+                   exp_avg_sqs[i].mutable_data_ptr(), nullptr, nullptr, params[i].numel(), 0});
   }
   const AdamWStep s = make_adamw_step(lr, beta1, beta2, eps, weight_decay, step);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for_each_dtype_group(params, all, [&](auto* t, auto* c, int64_t n, cuda::DType dt) {
-    cuda::adamw_step(t, c, n, dt, s, stream);
+  for_each_dtype_group(params, all, [&](auto* t, int nt, int64_t nc, cuda::DType dt) {
+    cuda::adamw_step(t, nt, nc, dt, s, stream);
   });
 }
 
@@ -79,12 +79,12 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
     TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "all params must be on one device");
     all.push_back({params[i].mutable_data_ptr(), grads[i].const_data_ptr(), qm[i].mutable_data_ptr(),
                    qv[i].mutable_data_ptr(), reinterpret_cast<uint16_t*>(absmax_m[i].mutable_data_ptr()),
-                   reinterpret_cast<uint16_t*>(absmax_v[i].mutable_data_ptr()), params[i].numel()});
+                   reinterpret_cast<uint16_t*>(absmax_v[i].mutable_data_ptr()), params[i].numel(), 0});
   }
   const AdamWStep s = make_adamw_step(lr, beta1, beta2, eps, weight_decay, step);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for_each_dtype_group(params, all, [&](auto* t, auto* c, int64_t n, cuda::DType dt) {
-    cuda::adamw8bit_step(t, c, n, dt, code_m.const_data_ptr<float>(), code_v.const_data_ptr<float>(), s, stream);
+  for_each_dtype_group(params, all, [&](auto* t, int nt, int64_t nc, cuda::DType dt) {
+    cuda::adamw8bit_step(t, nt, nc, dt, code_m.const_data_ptr<float>(), code_v.const_data_ptr<float>(), s, stream);
   });
 }
 
