@@ -3,9 +3,16 @@
 # included), every benchmark in bench/, logs and JSON under $OUT (or the folder given), a short
 # table printed last. From the repository root:   bash bench/gpu_check.sh [OUT_DIR]
 # Carried wheels in .whl/ (bitsandbytes, torchao: ../shared/gpu/fetch-wheels.sh) are installed first.
+# Parts, so that each call fits the 15-minute device budget with room for a rerun (stage times are
+# printed): GPU_CHECK_PART=kernels (default: build, CUDA tests, kernel benchmarks), headline (build,
+# then the time-boxed 65B/8B memory runs, 7B end-to-end, estimate check), all (both: over 15 minutes
+# and more than the 8 files a device call returns).
 # GPU_CHECK_QUICK=1: build, CUDA tests and the short benchmarks only (moe, optimizer, estimate).
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-bench/out}}
+PART=${GPU_CHECK_PART:-kernels}
+case "$PART" in kernels|headline|all) ;; *) echo "GPU_CHECK_PART must be kernels, headline or all" >&2; exit 2;; esac
+stage() { echo "== $1 (t=${SECONDS}s)"; }
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -16,7 +23,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
-echo "== build"
+stage build
 # With the GPU image's default compiler (/opt/gcc, not the one its torch was built with) a C++ exception
 # thrown by our kernels killed the process (segfault); the system g++ builds a working extension.
 if [ -x /usr/bin/g++ ] && [ -z "${KEEP_CC:-}" ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi  # the image sets CXX
@@ -25,7 +32,7 @@ MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   python3 setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1 || { tail -40 "$OUT_DIR/build.log"; exit 1; }
 echo "built in $(( $(date +%s) - t0 )) s with ${CXX:-the default compiler}"
 
-echo "== C++ errors surface as Python exceptions"
+stage "C++ errors surface as Python exceptions"
 python3 -c "
 import torch, qlora_ext
 for call in (lambda: torch.ops.qlora.quantize_4bit(torch.randn(64, 2).t(), 64, 'nf4'),
@@ -36,7 +43,8 @@ for call in (lambda: torch.ops.qlora.quantize_4bit(torch.randn(64, 2).t(), 64, '
         print('ValueError:', str(e).splitlines()[0])
 " 2>&1 | tail -2; echo "rc=${PIPESTATUS[0]}"
 
-echo "== tests: CUDA first, then the rest"
+if [ "$PART" != headline ]; then
+stage "tests: CUDA first, then the rest"
 python3 -m pytest python_tests -m cuda -q --tb=short -rfE --maxfail=30 -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest.log" | tail -25
 if [ "${GPU_CHECK_CPU_TESTS:-0}" = 1 ]; then  # CI runs these; on the lent GPU they only cost device time
   python3 -m pytest python_tests -m "not cuda" -q --tb=short -rfE --maxfail=30 -p no:cacheprovider 2>&1 | tee -a "$OUT_DIR/pytest.log" | tail -15
@@ -44,21 +52,26 @@ fi
 
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
   for b in optim_speed moe_speed estimate_check; do python3 bench/$b.py 2>&1 | tee -a "$OUT_DIR/quick.txt" | tail -6; done
-  exit 0
+  stage done; exit 0
 fi
 
-echo "== benchmarks"
+stage "kernel benchmarks"
 python3 -m pytest bench/bench_quantize.py -q -p no:cacheprovider --benchmark-enable \
   --benchmark-json=/tmp/bench_quantize.json --benchmark-columns=median,iqr,rounds 2>&1 | grep -E "^test_|passed|failed" | tail -12
-python3 -m qlora_ext quant-report --device cuda --json "$OUT_DIR/quant_report.json" | tail -4
+python3 -m qlora_ext quant-report --device cuda --json /tmp/quant_report.json | tail -4
 python3 bench/linear_speed.py --json "$OUT_DIR/linear_speed.json" 2>&1 | tee "$OUT_DIR/linear_speed.txt" | tail -30
-echo "== where the time goes: wall vs GPU-busy vs CUDA graph, decode kernel on/off, optimizer kernels"
+stage "where the time goes: wall vs GPU-busy vs CUDA graph, decode kernels (CUDA cores, tensor cores, off), optimizer kernels"
 python3 bench/profile_gpu.py --json "$OUT_DIR/profile.json" 2>&1 | grep -v Warning | tee "$OUT_DIR/profile.txt" | tail -60
-python3 bench/optim_speed.py 2>&1 | tee -a "$OUT_DIR/linear_speed.txt" | tail -5  # (8 files come back at most)
+python3 bench/optim_speed.py 2>&1 | tee -a "$OUT_DIR/linear_speed.txt" | tail -5  # (8 files come back at most: keep $OUT small)
 python3 bench/moe_speed.py 2>&1 | tee -a "$OUT_DIR/linear_speed.txt" | tail -4
-echo "== headline (time-boxed): 65B and 8B shapes under a 48 GiB cap, 7B end-to-end"
-timeout 300 python3 bench/memory_65b.py --shape 65b --seqs 512,2048 --search --json "$OUT_DIR/memory_65b.json" 2>&1 | tail -8
-timeout 150 python3 bench/memory_65b.py --shape 8b --seqs 2048 --search --no-bnb 2>&1 | tail -4
-timeout 150 python3 bench/e2e_train.py --shape 7b 2>&1 | tail -5
-python3 bench/estimate_check.py 2>&1 | tee -a "$OUT_DIR/linear_speed.txt" | tail -5
-python3 bench/quant_speed.py --json "$OUT_DIR/quant_speed.json" 2>&1 | tee "$OUT_DIR/quant_speed.txt"
+python3 bench/quant_speed.py --json /tmp/quant_speed.json 2>&1 | tee "$OUT_DIR/quant_speed.txt" | tail -12
+fi
+
+if [ "$PART" != kernels ]; then
+stage "headline (time-boxed): 65B and 8B shapes under a 48 GiB cap, 7B end-to-end"
+timeout 300 python3 bench/memory_65b.py --shape 65b --seqs 512,2048 --search --json "$OUT_DIR/memory_65b.json" 2>&1 | tee "$OUT_DIR/headline.txt" | tail -8
+timeout 150 python3 bench/memory_65b.py --shape 8b --seqs 2048 --search --no-bnb 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -4
+timeout 150 python3 bench/e2e_train.py --shape 7b 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -5
+python3 bench/estimate_check.py 2>&1 | tee "$OUT_DIR/estimate_check.txt" | tail -5
+fi
+stage done
