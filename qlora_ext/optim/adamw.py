@@ -5,7 +5,6 @@ states (:class:`PagedAdamW`) or blockwise dynamic 8-bit states (:class:`PagedAda
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
@@ -76,10 +75,15 @@ class _AdamWBase(torch.optim.Optimizer):
         else:
             state["exp_avg"], state["exp_avg_sq"] = zeros(torch.float32), zeros(torch.float32)
 
-    def _check_param(self, p: torch.Tensor) -> None:
-        if p.dtype in _PARAM_DTYPES and p.is_contiguous() and p.grad.layout is torch.strided:
-            return  # the common case, in three attribute reads (this runs per tensor per step)
-        if p.grad.is_sparse:
+    def _checked_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """p's gradient, checked, in p's dtype and contiguous (a copy only when needed). The common case
+        costs a few attribute reads: this runs per tensor per step."""
+        g, dtype = p.grad, p.dtype
+        if dtype in _PARAM_DTYPES and p.is_contiguous() and g.layout is torch.strided:
+            if g.dtype is dtype and g.is_contiguous():
+                return g
+            return g.to(dtype, memory_format=torch.contiguous_format)
+        if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if p.is_complex():
             raise TypeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
@@ -87,6 +91,7 @@ class _AdamWBase(torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__} supports float32/float16/bfloat16 parameters, got {p.dtype}")
         if not p.is_contiguous():
             raise ValueError(f"{type(self).__name__} needs contiguous parameters")
+        raise TypeError(f"{type(self).__name__} needs strided gradients, got {g.layout}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -100,15 +105,14 @@ class _AdamWBase(torch.optim.Optimizer):
         work = []
         for group in self.param_groups:
             _check_hyper(group)
-            ps = [p for p in group["params"] if p.grad is not None]
-            for p in ps:
-                self._check_param(p)
-            work.append((group, ps))
+            pg = [(p, self._checked_grad(p)) for p in group["params"] if p.grad is not None]
+            work.append((group, pg))
         paged_cuda = False
         for group, ps in work:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            buckets: dict[tuple, list] = defaultdict(list)
-            for p in ps:
+            # (eight-bit, step, device) -> the op's lists, built in one pass (this runs per tensor per step)
+            buckets: dict[tuple, tuple[list, ...]] = {}
+            for p, g in ps:
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
@@ -117,21 +121,28 @@ class _AdamWBase(torch.optim.Optimizer):
                         if isinstance(v, torch.Tensor):
                             paged.page_in(v)
                 paged_cuda |= self._paged and p.is_cuda
-                eight = state["exp_avg"].dtype == torch.uint8  # the stored kind, whatever the settings
-                buckets[(eight, state["step"] + 1, p.device)].append(p)
-            for (eight, step, device), bucket in buckets.items():
-                grads = [_dense_grad(p) for p in bucket]
-                st = [self.state[p] for p in bucket]
+                m = state["exp_avg"]
+                eight = m.dtype is torch.uint8  # the stored kind, whatever the settings
+                key = (eight, state["step"] + 1, p.device)
+                lists = buckets.get(key)
+                if lists is None:
+                    lists = buckets[key] = ([], [], [], [], [], [], [])
+                lists[0].append(p)
+                lists[1].append(g)
+                lists[2].append(m)
+                lists[3].append(state["exp_avg_sq"])
+                if eight:
+                    lists[4].append(state["absmax_m"])
+                    lists[5].append(state["absmax_v"])
+                lists[6].append(state)
+            for (eight, step, device), (params, grads, ms, vs, ams, avs, states) in buckets.items():
                 hyper = (lr, beta1, beta2, eps, wd, step)
                 if eight:
-                    torch.ops.qlora.adamw8bit_step_(
-                        bucket, grads, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
-                        [s["absmax_m"] for s in st], [s["absmax_v"] for s in st], *_maps(device), *hyper)
+                    torch.ops.qlora.adamw8bit_step_(params, grads, ms, vs, ams, avs, *_maps(device), *hyper)
                 else:
-                    torch.ops.qlora.adamw_step_(bucket, grads, [s["exp_avg"] for s in st],
-                                                [s["exp_avg_sq"] for s in st], *hyper)
-                for s in st:
-                    s["step"] = step
+                    torch.ops.qlora.adamw_step_(params, grads, ms, vs, *hyper)
+                for state in states:
+                    state["step"] = step
         # prefetching resident pages still costs a driver call per state tensor every step: only after our
         # own page_out; pages the driver evicted on its own fault back in
         self._paged_out = False
@@ -166,14 +177,6 @@ def _maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if device not in _MAPS:
         _MAPS[device] = (dynamic_map(device), dynamic_map(device, signed=False))
     return _MAPS[device]
-
-
-def _dense_grad(p: torch.Tensor) -> torch.Tensor:
-    """p's gradient in p's dtype, contiguous (a copy only when needed: this runs per tensor per step)."""
-    g = p.grad
-    if g.dtype is p.dtype and g.is_contiguous():
-        return g
-    return g.to(p.dtype, memory_format=torch.contiguous_format)
 
 
 def _check_hyper(group: dict) -> None:
