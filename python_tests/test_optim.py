@@ -240,22 +240,6 @@ def test_cuda_tracks_torch_adamw(cuda_device):
     test_paged_adamw_tracks_torch_adamw(0.01, device=cuda_device)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_8bit_equals_cpu(cuda_device, dtype):
-    cpu = _params(dtype=dtype)
-    gpu = [nn.Parameter(p.detach().to(cuda_device)) for p in cpu]
-    o1, o2 = AdamW8bit(cpu, lr=1e-2), AdamW8bit(gpu, lr=1e-2)
-    for _ in range(10):
-        for p, q in zip(cpu, gpu):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.to(cuda_device)
-        o1.step()
-        o2.step()
-    for p, q in zip(cpu, gpu):
-        assert _rel(q.cpu(), p) < 1e-3
-
-
 def _many_tensor_step_matches_cpu(device, dtype, eight: bool, steps: int = 3) -> None:
     torch.manual_seed(0)
     sizes = [1, 7, 255, 256, 257, 4095, 4096, 4097, 8193, 0, 20000, 12345] * 3 + [65536, 3, 5000, 4099, 100003]
@@ -303,7 +287,7 @@ def test_cuda_many_tensors_tails_and_unaligned_views(cuda_device, dtype, eight):
     empty one, single elements), half of them views at odd storage offsets (the 8-bit kernel's scalar
     path), all match the CPU kernels over a few steps (8-bit: the GPU's approximate 1/absmax may move
     a code across a decision boundary, rarely)."""
-    _many_tensor_step_matches_cpu(cuda_device, dtype, eight)
+    _many_tensor_step_matches_cpu(cuda_device, dtype, eight, steps=10)
 
 
 @pytest.mark.cuda

@@ -23,6 +23,7 @@
 #include "cuda/gemv_common.cuh"
 
 #include <atomic>
+#include <type_traits>
 
 namespace qlora {
 namespace cuda {
@@ -34,38 +35,29 @@ constexpr int kGroupK = 64;         // k per group: 4 lanes x 16 weights of a ro
 constexpr int kUnroll = 4;          // groups per warp in flight (8 x 8-byte loads per lane)
 constexpr int kLutWords = 256 * 32;  // byte -> code pair, one copy per bank
 
+// The code value as operand bits: bf16 or fp16, round to nearest.
 template <typename T>
-struct Mma;
+__device__ __forceinline__ uint32_t operand_bits(float v) {
+  if constexpr (std::is_same_v<T, __half>) return __half_as_ushort(__float2half_rn(v));
+  else return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
 
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// d += A (16x16, row) * B (16x8, col), float32 accumulators (m16n8k16 fragments; see the file comment).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define QLORA_MMA(TY)                                                                                    \
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, " \
+      "{%0,%1,%2,%3};\n"                                                                                \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+  if constexpr (std::is_same_v<T, __half>) QLORA_MMA("f16");
+  else QLORA_MMA("bf16");
+#undef QLORA_MMA
 #else
-    __trap();  // the launcher refuses devices below compute capability 8.0
+  __trap();  // the glue never selects this kernel below compute capability 8.0
 #endif
-  }
-};
-
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ uint32_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
-  }
-};
+}
 
 // The table entry for byte i (0..7) of an 8-byte load: prmt isolates the byte, one shift-add makes the
 // shared address of this lane's copy (`lane_base` = table + 4 * lane, a shared-window address).
@@ -96,7 +88,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_tc_kernel(const Gemv4bi
   const T* x = static_cast<const T*>(a.x);
   const int64_t tiles = (a.out_features + kTile - 1) / kTile;
 
-  if (threadIdx.x < 16) s_bits[threadIdx.x] = Mma<T>::bits(code4_value(a.qt, threadIdx.x));
+  if (threadIdx.x < 16) s_bits[threadIdx.x] = operand_bits<T>(code4_value(a.qt, threadIdx.x));
   if constexpr (NESTED) {
     for (int j = threadIdx.x; j < 256; j += blockDim.x) s_code8[j] = a.nested.code[j];
   }
@@ -161,7 +153,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_tc_kernel(const Gemv4bi
           const uint32_t fa[4] = {lut_pair(lane_base, wa[u], 2 * j), lut_pair(lane_base, wb[u], 2 * j),
                                   lut_pair(lane_base, wa[u], 2 * j + 1), lut_pair(lane_base, wb[u], 2 * j + 1)};
 #pragma unroll
-          for (int n = 0; n < NT; ++n) Mma<T>::run(part[n], fa, word_of(xb[n], 2 * j), word_of(xb[n], 2 * j + 1));
+          for (int n = 0; n < NT; ++n) mma_16816<T>(part[n], fa, word_of(xb[n], 2 * j), word_of(xb[n], 2 * j + 1));
         }
 #pragma unroll
         for (int n = 0; n < NT; ++n) {  // D rows: g (c0, c1) and g + 8 (c2, c3); columns 2t, 2t + 1
