@@ -64,8 +64,12 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 __device__ __forceinline__ uint32_t lut_pair(uint32_t lane_base, const uint2& w, int i) {
   const uint32_t byte = __byte_perm(i < 4 ? w.x : w.y, 0, 0x4440 | (i & 3));
   uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(lane_base + (byte << 7)));
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(lane_base + (byte << 7)) : "memory");
   return v;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
 __device__ __forceinline__ uint32_t word_of(const uint4 (&x)[2], int i) {
@@ -77,8 +81,8 @@ __device__ __forceinline__ uint32_t word_of(const uint4 (&x)[2], int i) {
 // NT: mma N tiles of 8 rows of x (1 for rows <= 8, 2 for rows <= 16)
 template <typename T, bool NESTED, int NT>
 __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_tc_kernel(const Gemv4bitArgs a) {
-  __shared__ uint32_t lut[kLutWords];
-  __shared__ float red[kWarps][kTile][16];
+  __shared__ __align__(16) uint32_t lut[kLutWords];
+  __shared__ float red[kWarps][kTile][17];  // (17: conflict-free stores and reads)
   __shared__ float s_code8[NESTED ? 256 : 1];
   __shared__ uint32_t s_bits[16];
 
@@ -88,14 +92,28 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_tc_kernel(const Gemv4bi
   const T* x = static_cast<const T*>(a.x);
   const int64_t tiles = (a.out_features + kTile - 1) / kTile;
 
+  // The first tile's first step of weights heads for L2 while the table is built (no registers held).
+  if (blockIdx.x < tiles) {
+    const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kTile;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t grp = warp + u * kWarps;
+      if (grp < groups) {
+        if (o0 + g < a.out_features) prefetch_l2(a.packed + (((o0 + g) * K) >> 1) + 8 * t + grp * (kGroupK / 2));
+        if (o0 + g + 8 < a.out_features)
+          prefetch_l2(a.packed + (((o0 + g + 8) * K) >> 1) + 8 * t + grp * (kGroupK / 2));
+      }
+    }
+  }
   if (threadIdx.x < 16) s_bits[threadIdx.x] = operand_bits<T>(code4_value(a.qt, threadIdx.x));
   if constexpr (NESTED) {
     for (int j = threadIdx.x; j < 256; j += blockDim.x) s_code8[j] = a.nested.code[j];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < kLutWords; i += blockDim.x) {
-    const int byte = i >> 5;  // the element in the high nibble comes first: low half
-    lut[i] = s_bits[byte >> 4] | (s_bits[byte & 15] << 16);
+  for (int i = threadIdx.x; i < kLutWords / 4; i += blockDim.x) {  // 16-byte stores: 4 copies at once
+    const int byte = i >> 3;  // the element in the high nibble comes first: low half
+    const uint32_t v = s_bits[byte >> 4] | (s_bits[byte & 15] << 16);
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
   }
   __syncthreads();
   const float offset = NESTED ? __ldg(a.nested.offset) : 0.0f;
@@ -230,10 +248,23 @@ void launch_rows(const Gemv4bitArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+// mma.sync needs compute capability 8.0, and so does the code the device runs: a build whose code for
+// this device is JIT-compiled from older PTX (an arch list like "7.5+PTX") has the __trap() branch.
 bool gemv_4bit_tc_device_ok() {
-  int major = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device());
-  return major >= 8;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> ok[kMaxDevices];  // 0 unknown, 1 yes, 2 no
+  const int dev = current_device();
+  int known = dev < kMaxDevices ? ok[dev].load(std::memory_order_relaxed) : 0;
+  if (known == 0) {
+    int major = 0;
+    cudaFuncAttributes attr{};
+    const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                     major >= 8 && cudaFuncGetAttributes(&attr, gemv_4bit_tc_kernel<__half, false, 1>) == cudaSuccess &&
+                     attr.binaryVersion >= 80;
+    known = yes ? 1 : 2;
+    if (dev < kMaxDevices) ok[dev].store(known, std::memory_order_relaxed);
+  }
+  return known == 1;
 }
 
 void gemv_4bit_tc(const Gemv4bitArgs& a, DType dtype, cudaStream_t stream) {

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i0 = b0 + 8 * lane, b = b0 / kOptimBlock;
     const int live = static_cast<int>(max(int64_t{0}, min(int64_t{8}, end - i0)));
     float pf[8] = {}, gf[8] = {}, m[8] = {}, v[8] = {};
-    uint8_t cm[8] = {}, cv[8] = {};
+    alignas(8) uint8_t cm[8] = {}, cv[8] = {};  // moved as one uint2 each
     if (vec && live == 8) {
       load8(p + i0, pf);
       load8(g + i0, gf);
