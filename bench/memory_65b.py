@@ -10,7 +10,10 @@ PNG plot of memory vs sequence length when matplotlib is installed.
     python bench/memory_65b.py --shape 65b [--cap-gb 48] [--seqs 512,2048] [--search] [--json F] [--plot F]
     python bench/memory_65b.py --shape tiny --device cpu      # the CPU smoke test (python_tests)
 
-Our options: chunked loss, chunked MLP and activation offload on (--plain turns them off).
+Our options: chunked loss, chunked MLP, activation offload and the optimizer stepping in the backward
+pass (each gradient freed as soon as its tensor is updated) on; --plain turns them off. Beside each of
+our measured rows: `qlora-ext estimate`'s plan for the same run (outside the paged optimizer states) and
+its predicted longest sequence, so the estimate is checked against the measurement in the same run.
 """
 from __future__ import annotations
 
@@ -60,7 +63,26 @@ def build_ours(shape: str, device: str, plain: bool, quant_type: str | None = "n
                       **({"lora_dtype": torch.bfloat16, "upcast_non_quantized": False} if device == "cuda" else {}))
     model = build_random_quantized(hf_config(shape), cfg, device=device, dtype=compute)
     opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt.step_in_backward(not plain)
+    model.qlora_bench_config = cfg  # for the plan beside the measurement
     return model, opt
+
+
+def planned(shape: str, cfg: QLoRAConfig, seq: int, in_backward: bool, cap_bytes: int | None = None) -> dict:
+    """The estimate's plan for our run (GiB outside the paged optimizer states), and with ``cap_bytes`` the
+    longest sequence it predicts under the cap."""
+    import transformers
+
+    from qlora_ext.train.estimate import longest_context, plan_from_model
+
+    hf = hf_config(shape)
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(hf)
+    plan = plan_from_model(meta, hf, seq, 1, cfg, step_in_backward=in_backward)
+    out = {"planned_GiB": (plan.total - plan.paged_bytes) / 2**30}
+    if cap_bytes:
+        out["predicted_longest"] = longest_context(meta, hf, cap_bytes, cfg, step_in_backward=in_backward)
+    return out
 
 
 def build_bnb_peft(shape: str, device: str):
@@ -201,17 +223,24 @@ def main() -> None:
         loaded = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else None
         print(f"{name}: built in {time.perf_counter() - t0:.0f} s" + (f", {loaded:.1f} GiB after loading" if loaded else ""))
         model.train()
+        ours = getattr(model, "qlora_bench_config", None)
+        in_backward = bool(getattr(opt, "steps_in_backward", False))
         for seq in seqs:
             r = fits(model, opt, seq, args.device) if args.device == "cuda" else train_step(model, opt, seq, args.device, 2)
-            rows.append(dict(stack=name, shape=args.shape, loaded_GiB=loaded, **(r or dict(seq=seq, step_s=None))))
+            rows.append(dict(stack=name, shape=args.shape, loaded_GiB=loaded, **(r or dict(seq=seq, step_s=None)),
+                             **(planned(args.shape, ours, seq, in_backward) if ours is not None else {})))
         if args.search and args.device == "cuda":
             hi = min(positions, host_bound(args.shape)) if name == "ours" and not args.plain else positions
+            cap = int(args.cap_gb * 2**30)
             rows.append(dict(stack=name, shape=args.shape, longest_seq=longest(model, opt, args.device, 512, hi),
-                             searched_up_to=hi))
+                             searched_up_to=hi,
+                             **({"predicted_longest": planned(args.shape, ours, 512, in_backward, cap)["predicted_longest"]}
+                                if ours is not None else {})))
         del model, opt
         _release()
     print(qlora_ext.kernels_in_use(args.device))
-    print(format_table(rows, ["stack", "shape", "seq", "loaded_GiB", "peak_GiB", "step_s", "tokens_per_s", "longest_seq"]))
+    print(format_table(rows, ["stack", "shape", "seq", "loaded_GiB", "peak_GiB", "planned_GiB", "step_s", "tokens_per_s",
+                              "longest_seq", "predicted_longest"]))
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "cap_GiB": args.cap_gb, "rows": rows}
     if args.json:

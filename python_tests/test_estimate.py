@@ -16,14 +16,16 @@ from qlora_ext.train.estimate import estimate, measure_training_peak_cpu, plan_f
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("H,I,L,V,S,B", [(96, 288, 3, 3000, 80, 3), (160, 432, 2, 700, 160, 4)])
-def test_plan_matches_measured_peak(H, I, L, V, S, B):
+@pytest.mark.parametrize("H,I,L,V,S,B,in_backward", [(96, 288, 3, 3000, 80, 3, False), (160, 432, 2, 700, 160, 4, False),
+                                                     (160, 432, 2, 700, 160, 4, True)])
+def test_plan_matches_measured_peak(H, I, L, V, S, B, in_backward):
     cfg = transformers.LlamaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=V, max_position_embeddings=S)
     qcfg = QLoRAConfig(r=8, compute_dtype=torch.float32)
     torch.manual_seed(0)
     model = prepare_model(transformers.LlamaForCausalLM(cfg), qcfg, verbose=False).train()
     opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt.step_in_backward(in_backward)
     ids = torch.randint(0, V, (B, S))
     batch = {"input_ids": ids, "labels": ids}
     model(**batch).loss.backward()
@@ -32,7 +34,7 @@ def test_plan_matches_measured_peak(H, I, L, V, S, B):
     measured = measure_training_peak_cpu(model, opt, batch)
     with torch.device("meta"):
         meta = transformers.LlamaForCausalLM(cfg)
-    plan = plan_from_model(meta, cfg, S, B, qcfg)
+    plan = plan_from_model(meta, cfg, S, B, qcfg, step_in_backward=in_backward)
     assert abs(plan.total - measured) / measured < 0.10, (plan.total, measured, plan.rows)
 
 

@@ -330,3 +330,43 @@ def test_cuda_page_out_makes_room_for_a_spike(cuda_device):
     opt.step()
     ref.step()
     assert _rel(p.detach().cpu(), q.detach()) <= 1e-6
+
+
+def _tiny_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(40, 300), nn.GELU(), nn.Linear(300, 70), nn.GELU(), nn.Linear(70, 5000))
+
+
+@pytest.mark.parametrize("kind", [PagedAdamW, AdamW8bit], ids=lambda k: k.__name__)
+def test_step_in_backward_equals_step(kind):
+    """step_in_backward: the same parameters bit for bit as backward-then-step over 8 iterations (the
+    second and third layers above 4096 elements take 8-bit states with AdamW8bit), with the gradients
+    gone after each backward and never more than one alive during it; step() still runs (no-op)."""
+    nets = [_tiny_net(), _tiny_net()]
+    opts = [kind(n.parameters(), lr=1e-2, weight_decay=0.1) for n in nets]
+    opts[1].step_in_backward()
+    alive = []
+    for p in nets[1].parameters():  # runs after ours: counts the gradients still held
+        p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in nets[1].parameters())))
+    torch.manual_seed(1)
+    for _ in range(8):
+        x = torch.randn(16, 40)
+        for net, opt in zip(nets, opts):
+            net(x).square().mean().backward()
+            if opt is opts[1]:
+                assert all(p.grad is None for p in net.parameters())
+            opt.step()
+            opt.zero_grad()
+    assert max(alive) == 0 and len(alive) == 8 * 6
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)
+    assert [s["step"] for s in opts[1].state.values()] == [8] * 6
+
+
+def test_step_in_backward_can_be_turned_off():
+    net = _tiny_net()
+    opt = PagedAdamW(net.parameters())
+    opt.step_in_backward()
+    opt.step_in_backward(False)
+    net(torch.randn(2, 40)).sum().backward()
+    assert all(p.grad is not None for p in net.parameters()) and not opt.state

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from qlora_ext.cli import main as cli_main
 from qlora_ext.train import causal_lm
@@ -158,3 +159,24 @@ def test_resume_refuses_changed_settings_and_long_prompts(tiny_lm, trec_jsonl, t
     long.write_text(('{"instruction": "' + "word " * 80 + '", "response": "x"}\n') * 12)
     with pytest.raises(ValueError, match="no training record has a response token within --seq-len=48"):
         _run(tiny_lm, long, tmp_path / "b", steps=1)
+
+
+def test_step_in_backward_trains_resumes_and_refuses_accumulation(tiny_lm, trec_jsonl, tmp_path):
+    """--step-in-backward: the run learns, a resumed run continues the same loss curve (the optimizer
+    state round-trips with the hooks on), and gradient accumulation or clipping are refused."""
+    a = _run(tiny_lm, trec_jsonl, tmp_path / "a", steps=8, step_in_backward=True)
+    assert a["last_loss"] < a["first_loss"]
+    _run(tiny_lm, trec_jsonl, tmp_path / "b", steps=4, step_in_backward=True)
+    _run(tiny_lm, trec_jsonl, tmp_path / "b", steps=8, step_in_backward=True, resume=True)
+    la = [json.loads(l)["loss"] for l in open(tmp_path / "a" / "train_log.jsonl")]
+    lb = [json.loads(l)["loss"] for l in open(tmp_path / "b" / "train_log.jsonl")]
+    assert lb == pytest.approx(la, rel=1e-6)
+    with pytest.raises(ValueError, match="grad-accum 1"):
+        _run(tiny_lm, trec_jsonl, tmp_path / "c", steps=2, step_in_backward=True, grad_accum=2)
+    from qlora_ext.optim import PagedAdamW
+    from qlora_ext.train.loop import train
+    net = torch.nn.Linear(3, 3)
+    opt = PagedAdamW(net.parameters())
+    opt.step_in_backward()
+    with pytest.raises(ValueError, match="max_grad_norm=None"):
+        train(net, iter([]), lambda m, b: m(b).sum(), opt, 1, max_grad_norm=1.0, progress=False)

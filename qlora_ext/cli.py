@@ -41,6 +41,9 @@ def _finetune_parser(sub) -> None:
     ft.add_argument("--target-modules", default="all-linear", help="'all-linear', comma-separated names, or a regex")
     ft.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "none"])
     ft.add_argument("--optim", default="paged_adamw_32bit", choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"])
+    ft.add_argument("--step-in-backward", action="store_true",
+                    help="update each tensor in the backward pass and free its gradient: the gradients never all "
+                         "exist at once (needs --grad-accum 1; no gradient clipping)")
     ft.add_argument("--eval-every", type=int, default=25)
     ft.add_argument("--eval-fraction", type=float, default=0.1)
     ft.add_argument("--seed", type=int, default=0)
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="say whether the run fits a GPU of this many GiB, and the longest sequence that does")
     est.add_argument("--chunked-loss", action="store_true", help="plan with the chunked causal-LM loss")
     est.add_argument("--chunked-mlp", action="store_true", help="plan with the sequence-chunked MLP")
+    est.add_argument("--step-in-backward", action="store_true",
+                     help="plan with the optimizer stepping in the backward pass (the gradients never all at once)")
     est.add_argument("--offload", action="store_true", help="plan with checkpointed inputs offloaded to pinned CPU memory")
     est.add_argument("--bf16", action="store_true",
                      help="bf16 LoRA and bf16 hidden states (upcast_non_quantized=False; default: float32, as PEFT)")

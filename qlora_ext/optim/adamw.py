@@ -46,6 +46,8 @@ class _AdamWBase(torch.optim.Optimizer):
 
     def _register_hooks(self) -> None:
         self._stash: dict | None = None
+        self._backward_hooks: list = []  # step_in_backward's, per parameter
+        self._any_cuda = False
         self.register_load_state_dict_pre_hook(_stash_states)
         self.register_load_state_dict_post_hook(_restore_states)
 
@@ -97,7 +99,8 @@ class _AdamWBase(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW step over every parameter with a gradient: one fused call per (state kind, step
         count, device) bucket. Everything is checked before anything changes, and step counts move only
-        once the update has run."""
+        once the update has run. With :meth:`step_in_backward` on, the updates already ran in the
+        backward pass (no parameter has a gradient left): this call only does the paging bookkeeping."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -107,42 +110,9 @@ class _AdamWBase(torch.optim.Optimizer):
             _check_hyper(group)
             pg = [(p, self._checked_grad(p)) for p in group["params"] if p.grad is not None]
             work.append((group, pg))
-        paged_cuda = False
+        paged_cuda = self._paged and bool(self._backward_hooks) and self._any_cuda
         for group, ps in work:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            # (eight-bit, step, device) -> the op's lists, built in one pass (this runs per tensor per step)
-            buckets: dict[tuple, tuple[list, ...]] = {}
-            for p, g in ps:
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, state)
-                elif self._paged and self._paged_out:  # bring them back before the update (async, in order)
-                    for v in state.values():
-                        if isinstance(v, torch.Tensor):
-                            paged.page_in(v)
-                paged_cuda |= self._paged and p.is_cuda
-                m = state["exp_avg"]
-                eight = m.dtype is torch.uint8  # the stored kind, whatever the settings
-                key = (eight, state["step"] + 1, p.device)
-                lists = buckets.get(key)
-                if lists is None:
-                    lists = buckets[key] = ([], [], [], [], [], [], [])
-                lists[0].append(p)
-                lists[1].append(g)
-                lists[2].append(m)
-                lists[3].append(state["exp_avg_sq"])
-                if eight:
-                    lists[4].append(state["absmax_m"])
-                    lists[5].append(state["absmax_v"])
-                lists[6].append(state)
-            for (eight, step, device), (params, grads, ms, vs, ams, avs, states) in buckets.items():
-                hyper = (lr, beta1, beta2, eps, wd, step)
-                if eight:
-                    torch.ops.qlora.adamw8bit_step_(params, grads, ms, vs, ams, avs, *_maps(device), *hyper)
-                else:
-                    torch.ops.qlora.adamw_step_(params, grads, ms, vs, *hyper)
-                for state in states:
-                    state["step"] = step
+            paged_cuda |= self._update(group, ps)
         # prefetching resident pages still costs a driver call per state tensor every step: only after our
         # own page_out; pages the driver evicted on its own fault back in
         self._paged_out = False
@@ -152,6 +122,81 @@ class _AdamWBase(torch.optim.Optimizer):
             if free < self.page_out_below * total:
                 self.page_out()
         return loss
+
+    def _update(self, group: dict, ps: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Applies the update to the (parameter, checked gradient) pairs of one group; True when a paged
+        state lives on a GPU."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        paged_cuda = False
+        # (eight-bit, step, device) -> the op's lists, built in one pass (this runs per tensor per step)
+        buckets: dict[tuple, tuple[list, ...]] = {}
+        for p, g in ps:
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state)
+            elif self._paged and self._paged_out:  # bring them back before the update (async, in order)
+                for v in state.values():
+                    if isinstance(v, torch.Tensor):
+                        paged.page_in(v)
+            paged_cuda |= self._paged and p.is_cuda
+            m = state["exp_avg"]
+            eight = m.dtype is torch.uint8  # the stored kind, whatever the settings
+            key = (eight, state["step"] + 1, p.device)
+            lists = buckets.get(key)
+            if lists is None:
+                lists = buckets[key] = ([], [], [], [], [], [], [])
+            lists[0].append(p)
+            lists[1].append(g)
+            lists[2].append(m)
+            lists[3].append(state["exp_avg_sq"])
+            if eight:
+                lists[4].append(state["absmax_m"])
+                lists[5].append(state["absmax_v"])
+            lists[6].append(state)
+        for (eight, step, device), (params, grads, ms, vs, ams, avs, states) in buckets.items():
+            hyper = (lr, beta1, beta2, eps, wd, step)
+            if eight:
+                torch.ops.qlora.adamw8bit_step_(params, grads, ms, vs, ams, avs, *_maps(device), *hyper)
+            else:
+                torch.ops.qlora.adamw_step_(params, grads, ms, vs, *hyper)
+            for state in states:
+                state["step"] = step
+        return paged_cuda
+
+    @property
+    def steps_in_backward(self) -> bool:
+        """Whether :meth:`step_in_backward` is on."""
+        return bool(self._backward_hooks)
+
+    def step_in_backward(self, enable: bool = True) -> None:
+        """Updates each parameter inside the backward pass, as soon as its gradient is complete, and
+        frees that gradient at once: the gradients of all trainable tensors never exist together (at
+        most those of one layer do), which saves their whole size at the memory peak (1.5 GiB for a
+        65B model with r=64 adapters on every linear layer). Each update is the one :meth:`step` would
+        apply, bit for bit.
+
+        What it rules out: gradient accumulation over several backward passes (each backward is one
+        step), gradient clipping by a global norm, and anything else that reads the gradients between
+        backward and step (the gradients are gone). Keep calling :meth:`step` once per iteration: the
+        updates are done, it only does the paging bookkeeping. ``enable=False`` removes the hooks."""
+        for h in self._backward_hooks:
+            h.remove()
+        self._backward_hooks = []
+        if not enable:
+            return
+        group_of = {p: group for group in self.param_groups for p in group["params"] if p.requires_grad}
+        self._any_cuda = any(p.is_cuda for p in group_of)
+
+        @torch.no_grad()
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is None:
+                return
+            group = group_of[p]
+            _check_hyper(group)
+            self._update(group, [(p, self._checked_grad(p))])
+            p.grad = None
+
+        self._backward_hooks = [p.register_post_accumulate_grad_hook(hook) for p in group_of]
 
     def page_out(self) -> None:
         """Starts evicting every paged state to host memory (they come back before the next step, when

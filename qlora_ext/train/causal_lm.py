@@ -103,10 +103,12 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
              grad_accum: int = 1, lr: float = 2e-4, seq_len: int = 512, packing: bool = False,
              config: QLoRAConfig | None = None, optim: str = "paged_adamw_32bit", eval_every: int = 25,
              eval_fraction: float = 0.1, seed: int = 0, resume: bool = False, device: str | None = None,
-             progress: bool = True, save_every: int = 0) -> dict:
+             progress: bool = True, save_every: int = 0, step_in_backward: bool = False) -> dict:
     """Fine-tunes the causal LM in ``model_dir`` (a local folder) on ``data_path``; returns the report.
     The adapter lands in ``output`` (PEFT format), the log in ``output/train_log.jsonl``, a resumable
-    checkpoint in ``output/checkpoint`` (at the end, every ``save_every`` steps, and on Ctrl-C)."""
+    checkpoint in ``output/checkpoint`` (at the end, every ``save_every`` steps, and on Ctrl-C).
+    ``step_in_backward``: the optimizer updates each tensor in the backward pass and frees its gradient
+    (never all gradients at once; needs ``grad_accum=1``, and turns gradient clipping off)."""
     import transformers
 
     from .. import kernels_in_use
@@ -138,6 +140,10 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
     prepare_model(model, config, device=dev)
     opt_cls = OPTIMIZERS[optim]
     opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    if step_in_backward:
+        if grad_accum != 1:
+            raise ValueError(f"--step-in-backward needs --grad-accum 1 (each backward is a step), got {grad_accum}")
+        opt.step_in_backward()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
@@ -145,6 +151,8 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
     settings = {"data_sha1": hashlib.sha1(Path(data_path).read_bytes()).hexdigest(), "batch_size": batch_size,
                 "grad_accum": grad_accum, "seq_len": seq_len, "packing": packing, "eval_fraction": eval_fraction,
                 "seed": seed, "lr": lr, "optim": optim, "config": config.to_dict()}
+    if step_in_backward:  # (absent when off: checkpoints from before the option resume)
+        settings["step_in_backward"] = True
     if resume:
         loop, extra = load_checkpoint(ckpt, model, opt)
         changed = {k: (extra.get("settings", {}).get(k), v) for k, v in settings.items()
@@ -169,7 +177,7 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
     t0 = time.perf_counter()
     loop = train(model, batches, loss_fn, opt, steps, grad_accum=grad_accum, state=loop, eval_every=eval_every,
                  evaluate=evaluate, log_path=str(out / "train_log.jsonl"), save=save, device=dev, progress=progress,
-                 desc="qlora", save_every=save_every)
+                 desc="qlora", save_every=save_every, max_grad_norm=None if step_in_backward else 1.0)
     seconds = time.perf_counter() - t0
     save(loop)
     save_adapter(model, out, base_model_name_or_path=str(folder))
@@ -192,7 +200,7 @@ def finetune_from_args(args) -> dict:
                       grad_accum=args.grad_accum, lr=args.lr, seq_len=args.seq_len, packing=args.packing,
                       config=config, optim=args.optim, eval_every=args.eval_every, eval_fraction=args.eval_fraction,
                       seed=args.seed, resume=args.resume, device=args.device, progress=not args.no_progress,
-                      save_every=args.save_every)
+                      save_every=args.save_every, step_in_backward=args.step_in_backward)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return report

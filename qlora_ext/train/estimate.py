@@ -87,7 +87,9 @@ def _optimizer_bytes(sizes: list[int], optim: str) -> int:
 
 
 def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, config: QLoRAConfig,
-                    optim: str = "paged_adamw_32bit") -> MemoryPlan:
+                    optim: str = "paged_adamw_32bit", step_in_backward: bool = False) -> MemoryPlan:
+    """The plan; ``step_in_backward``: the optimizer updates each tensor in the backward pass and frees
+    its gradient (``optimizer.step_in_backward()``), so the gradients count as the largest one alone."""
     if not config.gradient_checkpointing:
         raise ValueError("the memory plan is for gradient-checkpointed runs (gradient_checkpointing=True)")
     targets = set(find_targets(model, config.target_modules, config.modules_to_save))
@@ -96,7 +98,7 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
     # else the compute dtype's (the model is assumed loaded in it); matmul intermediates: compute dtype
     act = 4 if config.upcast_non_quantized or config.quant_type is None else config.compute_dtype.itemsize
     comp = config.compute_dtype.itemsize
-    lora_sizes = []
+    lora_sizes, saved_sizes = [], []
     seen = set()
     for name, m in model.named_modules():
         if name in targets:
@@ -114,6 +116,7 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
                 other += act * p.numel()
                 if config.modules_to_save and matches(name, config.modules_to_save):
                     saved += p.numel()  # trained in full: gradients and optimizer states too
+                    saved_sizes.append(p.numel())
     lora = config.lora_dtype.itemsize * sum(lora_sizes)
     H, V = hf_config.hidden_size, hf_config.vocab_size
     I = getattr(hf_config, "intermediate_size", 4 * H)
@@ -135,7 +138,10 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
     rows = [(f"base weights of {len(targets)} adapted layers ({quant})", weights),
             (f"other parameters ({'float32' if act == 4 else 'model dtype'}: embeddings, norms, head)", other),
             (f"LoRA adapters (r={config.r}, {str(config.lora_dtype).removeprefix('torch.')})", lora),
-            ("LoRA gradients" + (" and modules_to_save's" if saved else ""), lora + act * saved),
+            ("LoRA gradients" + (" and modules_to_save's" if saved else "")
+             + (" (stepped in the backward: the largest one)" if step_in_backward else ""),
+             max([config.lora_dtype.itemsize * n for n in lora_sizes] + [act * n for n in saved_sizes] + [0])
+             if step_in_backward else lora + act * saved),
             (f"optimizer states ({optim})", opt),
             (f"checkpointed layer inputs ({L} x {T} tokens)" + (", offloaded: one on the GPU" if host else ""), ckpt),
             ("peak transient: " + ("loss (logits)" if loss_phase >= layer_phase else "one layer's recompute")
@@ -145,10 +151,11 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
 
 
 def longest_context(model: nn.Module, hf_config, gpu_bytes: int, config: QLoRAConfig, batch: int = 1,
-                    optim: str = "paged_adamw_32bit") -> int:
+                    optim: str = "paged_adamw_32bit", step_in_backward: bool = False) -> int:
     """The longest sequence (tokens, up to the model's positions) whose plan fits ``gpu_bytes``; 0 if none."""
     hi = int(getattr(hf_config, "max_position_embeddings", None) or 1 << 20)
-    fits = lambda s: plan_from_model(model, hf_config, s, batch, config, optim).fits(gpu_bytes)  # noqa: E731
+    fits = lambda s: plan_from_model(model, hf_config, s, batch, config, optim,  # noqa: E731
+                                     step_in_backward).fits(gpu_bytes)
     if not fits(1):
         return 0
     lo = 1
@@ -159,7 +166,7 @@ def longest_context(model: nn.Module, hf_config, gpu_bytes: int, config: QLoRACo
 
 
 def estimate(model: str | Path, seq_len: int = 2048, batch: int = 1, config: QLoRAConfig | None = None,
-             optim: str = "paged_adamw_32bit") -> MemoryPlan:
+             optim: str = "paged_adamw_32bit", step_in_backward: bool = False) -> MemoryPlan:
     """The memory plan of training ``model`` (a folder or config.json) at ``batch`` x ``seq_len``."""
     if seq_len <= 0 or batch <= 0:
         raise ValueError(f"seq_len and batch must be positive, got {seq_len} and {batch}")
@@ -167,7 +174,7 @@ def estimate(model: str | Path, seq_len: int = 2048, batch: int = 1, config: QLo
     positions = getattr(hf_config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
         raise ValueError(f"seq_len={seq_len} is longer than the model's {positions} positions")
-    return plan_from_model(meta, hf_config, seq_len, batch, config or QLoRAConfig(), optim)
+    return plan_from_model(meta, hf_config, seq_len, batch, config or QLoRAConfig(), optim, step_in_backward)
 
 
 def measure_training_peak_cpu(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> int:
@@ -209,11 +216,12 @@ def main_from_args(args) -> MemoryPlan:
                          chunked_loss=args.chunked_loss, chunked_mlp=args.chunked_mlp,
                          offload_activations=args.offload,
                          **({"upcast_non_quantized": False, "lora_dtype": torch.bfloat16} if args.bf16 else {}))
-    plan = estimate(args.model, args.seq_len, args.batch, config, args.optim)
+    plan = estimate(args.model, args.seq_len, args.batch, config, args.optim, args.step_in_backward)
     print(plan.format(args.gpu_gb))
     if args.gpu_gb is not None:
         meta, hf_config = _meta_model(args.model)
-        longest = longest_context(meta, hf_config, int(args.gpu_gb * 2**30), config, args.batch, args.optim)
+        longest = longest_context(meta, hf_config, int(args.gpu_gb * 2**30), config, args.batch, args.optim,
+                                  args.step_in_backward)
         print(f"longest sequence that fits {args.gpu_gb:g} GiB at batch {args.batch}: {longest:,} tokens"
               + (" (the model's position limit)" if longest == getattr(hf_config, "max_position_embeddings", -1) else ""))
     if args.json:

@@ -72,6 +72,12 @@ class _DeferInterrupt:
         return False
 
 
+def _check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step}: a batch without any learnable token, or "
+                                 "divergence (lower the learning rate)")
+
+
 def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
           optimizer: torch.optim.Optimizer, steps: int, *, grad_accum: int = 1, state: LoopState | None = None,
           eval_every: int = 0, evaluate: Callable[[], dict] | None = None, log_path: str | None = None,
@@ -83,7 +89,17 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
     ``batches`` must already be positioned at ``state.step * grad_accum`` when resuming.
 
     On KeyboardInterrupt the ``save`` hook is called with the state of the last completed step (its
-    random state included) and the interrupt is raised again: no half-applied step is ever saved."""
+    random state included) and the interrupt is raised again: no half-applied step is ever saved.
+
+    An optimizer that steps inside the backward pass (``optimizer.step_in_backward()``, to never hold
+    all gradients at once) needs ``grad_accum=1``, no clipping and no ``after_step`` (those read the
+    gradients); its backward then runs with Ctrl-C held back, as a step does, and a non-finite loss
+    stops the run before that backward changes anything."""
+    in_backward = bool(getattr(optimizer, "steps_in_backward", False))
+    if in_backward and (grad_accum != 1 or max_grad_norm or after_step is not None):
+        raise ValueError("an optimizer that steps in the backward pass (step_in_backward) needs grad_accum=1, "
+                         f"max_grad_norm=None and no after_step hook; got grad_accum={grad_accum}, "
+                         f"max_grad_norm={max_grad_norm}, after_step={'set' if after_step else None}")
     state = state or LoopState()
     device = device or next(model.parameters()).device
     log = open(log_path, "a", encoding="utf-8") if log_path else None
@@ -98,12 +114,16 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
             for _ in range(grad_accum):
                 batch = next(batches)
                 loss = loss_fn(model, batch) / grad_accum
-                loss.backward()
-                total += loss.detach().item()
+                if in_backward:  # the backward is the step: check first, then apply it whole
+                    total += loss.detach().item()
+                    _check_finite(total, state.step)
+                    with _DeferInterrupt():
+                        loss.backward()
+                else:
+                    loss.backward()
+                    total += loss.detach().item()
                 tokens += int(batch.get("num_tokens", 0))
-            if not math.isfinite(total):
-                raise FloatingPointError(f"loss is {total} at step {state.step}: a batch without any learnable "
-                                         "token, or divergence (lower the learning rate)")
+            _check_finite(total, state.step)
             with _DeferInterrupt():
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
