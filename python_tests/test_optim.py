@@ -332,17 +332,17 @@ def test_cuda_page_out_makes_room_for_a_spike(cuda_device):
     assert _rel(p.detach().cpu(), q.detach()) <= 1e-6
 
 
-def _tiny_net(seed: int = 0) -> nn.Module:
+def _tiny_net(seed: int = 0, device="cpu") -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(40, 300), nn.GELU(), nn.Linear(300, 70), nn.GELU(), nn.Linear(70, 5000))
+    return nn.Sequential(nn.Linear(40, 300), nn.GELU(), nn.Linear(300, 70), nn.GELU(), nn.Linear(70, 5000)).to(device)
 
 
 @pytest.mark.parametrize("kind", [PagedAdamW, AdamW8bit], ids=lambda k: k.__name__)
-def test_step_in_backward_equals_step(kind):
+def test_step_in_backward_equals_step(kind, device="cpu"):
     """step_in_backward: the same parameters bit for bit as backward-then-step over 8 iterations (the
     second and third layers above 4096 elements take 8-bit states with AdamW8bit), with the gradients
     gone after each backward and never more than one alive during it; step() still runs (no-op)."""
-    nets = [_tiny_net(), _tiny_net()]
+    nets = [_tiny_net(device=device), _tiny_net(device=device)]
     opts = [kind(n.parameters(), lr=1e-2, weight_decay=0.1) for n in nets]
     opts[1].step_in_backward()
     alive = []
@@ -350,7 +350,7 @@ def test_step_in_backward_equals_step(kind):
         p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in nets[1].parameters())))
     torch.manual_seed(1)
     for _ in range(8):
-        x = torch.randn(16, 40)
+        x = torch.randn(16, 40, device=device)
         for net, opt in zip(nets, opts):
             net(x).square().mean().backward()
             if opt is opts[1]:
@@ -361,6 +361,13 @@ def test_step_in_backward_equals_step(kind):
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(a, b)
     assert [s["step"] for s in opts[1].state.values()] == [8] * 6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", [PagedAdamW, AdamW8bit], ids=lambda k: k.__name__)
+def test_cuda_step_in_backward_equals_step(cuda_device, kind):
+    """The same on the GPU: one fused launch per tensor inside the backward, states in managed memory."""
+    test_step_in_backward_equals_step(kind, device=cuda_device)
 
 
 def test_step_in_backward_can_be_turned_off():
