@@ -1,7 +1,8 @@
 """End-to-end training speed at 2,048 tokens (batch 1, a few steps) of a Llama-7B shape (and 8B with
 --shape 8b), random weights built layer by layer: a bf16 LoRA over a dense bf16 base, bitsandbytes +
-PEFT (when installed) and ours (NF4 + double quant, chunked loss/MLP, offload), in one run — tokens/s
-and peak memory. Prints a table; --json FILE.
+PEFT (when installed) and ours twice (NF4 + double quant: plain, and with every memory saver: chunked
+loss/MLP, offload, optimizer step in the backward), in one run — tokens/s and peak memory, with ratios to
+the bf16 LoRA and to bitsandbytes + PEFT. Prints a table; --json FILE.
 
     python bench/e2e_train.py [--shape 7b|8b] [--seq 2048] [--steps 4] [--json F]
 """
@@ -29,7 +30,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     stacks = [("bf16 LoRA (dense base)", lambda: build_ours(args.shape, args.device, plain=True, quant_type=None)),
-              ("ours (NF4 + DQ, chunked, offload)", lambda: build_ours(args.shape, args.device, plain=False))]
+              ("ours (NF4 + DQ)", lambda: build_ours(args.shape, args.device, plain=True)),
+              ("ours (NF4 + DQ, all memory savers)", lambda: build_ours(args.shape, args.device, plain=False))]
     if args.device == "cuda":
         try:
             import bitsandbytes  # noqa: F401
@@ -46,9 +48,11 @@ def main() -> None:
         del model, opt
         _release()
     base = rows[0]["tokens_per_s"]
+    bnb = next((r["tokens_per_s"] for r in rows if r["stack"] == "bitsandbytes + PEFT"), None)
     for r in rows:
         r["vs_bf16_lora"] = r["tokens_per_s"] / base
-    print(format_table(rows, ["stack", "shape", "seq", "step_s", "tokens_per_s", "vs_bf16_lora", "peak_GiB"]))
+        r["vs_bnb"] = r["tokens_per_s"] / bnb if bnb else None
+    print(format_table(rows, ["stack", "shape", "seq", "step_s", "tokens_per_s", "vs_bf16_lora", "vs_bnb", "peak_GiB"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

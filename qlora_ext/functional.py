@@ -13,6 +13,8 @@ per 256 absmax values (``nested_absmax``) and the mean as ``offset`` (0 for an e
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import json
 import math
@@ -398,24 +400,38 @@ def qlora_linear(
     return y.reshape(*x.shape[:-1], out_features)
 
 
+def _below_autograd():
+    """Dispatch below the Autograd key (eager only: torch.compile traces the op, and its autograd, as a
+    whole, and Dynamo does not take this context)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
 class _QLoRALinear(torch.autograd.Function):
     """The thin autograd wrapper qlora_linear uses: the same forward and backward as the op's own
     registered autograd (qlora_ext/_ops.py, which direct op users and opcheck exercise), without its
     per-call schema walk (~70 us of Python per forward + backward; it matters when launches bound the
-    step). Differentiable twice: the backward is built from differentiable ops."""
+    step): the op calls dispatch below the Autograd key, where the op's Python autograd kernel would
+    otherwise run again (~40 us a call on this 2-core machine). Differentiable twice: the backward is
+    built from differentiable ops (under create_graph the op's own autograd is kept)."""
 
     @staticmethod
     def forward(ctx, x, xa, lora_B, bias, w):  # w: the 4-bit weight's op arguments (constants)
         ctx.w = w
         ctx.save_for_backward(xa, lora_B)  # the r-wide activations and B; never x, never W
-        return torch.ops.qlora.linear_4bit(x, *w, xa, lora_B, bias)
+        with _below_autograd():  # (this Function is the autograd: skip the op's own)
+            return torch.ops.qlora.linear_4bit(x, *w, xa, lora_B, bias)
 
     @staticmethod
     def backward(ctx, grad):
         xa, lora_B = ctx.saved_tensors
         grad = grad.contiguous()
         need_x, need_xa, need_B, need_bias, _ = ctx.needs_input_grad
-        grad_x = torch.ops.qlora.linear_4bit_grad_input(grad, *ctx.w) if need_x else None  # re-dequantizes W
+        grad_x = None
+        if need_x:  # re-dequantizes W; below autograd unless a double backward needs the op's own formula
+            with contextlib.nullcontext() if torch.is_grad_enabled() else _below_autograd():
+                grad_x = torch.ops.qlora.linear_4bit_grad_input(grad, *ctx.w)
         grad_xa = grad @ lora_B if need_xa else None
         grad_B = grad.t() @ xa if need_B else None
         grad_bias = grad.sum(0) if need_bias else None
