@@ -121,6 +121,43 @@ def optim_cases(rows, tops):
         torch.cuda.empty_cache()
 
 
+def _ratio(rows, what, num, den, key):
+    """rows[what, num][key] / rows[what, den][key], or None when either is missing."""
+    get = {(r["what"], r["variant"]): r.get(key) for r in rows}
+    a, b = get.get((what, num)), get.get((what, den))
+    return a / b if a and b else None
+
+
+def targets(rows) -> list[str]:
+    """The issues' GPU targets against this run's numbers, one line each (met / NOT met / missing)."""
+    lines = []
+
+    def say(label, value, goal, ok):
+        verdict = "missing" if value is None else ("met" if ok(value) else "NOT met")
+        lines.append(f"{label}: {'-' if value is None else f'{value:.3g}'} (target {goal}) {verdict}")
+
+    for n in (4096, 8192):
+        for m in (1, 16):
+            what = f"decode {n} rows={m}"
+            for gemv in ("1", "tc"):
+                ratio = _ratio(rows, what, "dense bf16", f"ours gemv={gemv}", "gpu_busy_ms")
+                say(f"issue 3 {what} gemv={gemv}: dense bf16 busy / ours busy", ratio,
+                    ">= 3 at 1 row" if m == 1 else "report", lambda v, m=m: v >= 3 if m == 1 else True)
+                frac = next((r.get("packed_frac_bw") for r in rows
+                             if r["what"] == what and r["variant"] == f"ours gemv={gemv}"), None)
+                say(f"issue 3 {what} gemv={gemv}: packed bytes / busy time, of copy BW", frac, ">= 0.75",
+                    lambda v: v >= 0.75)
+        what = f"fwd+bwd {n} rows=4096 r=16"
+        for key in ("wall_ms", "gpu_busy_ms"):
+            say(f"issue 3 {what}: ours / dense ({key})", _ratio(rows, what, "ours", "dense", key), "<= 1.10",
+                lambda v: v <= 1.10)
+    for name in ("ours PagedAdamW", "ours AdamW8bit"):
+        say(f"issue 4 adamw 100x1M: {name} / torch fused (wall)",
+            _ratio(rows, "adamw 100x1M fp32", name, "torch AdamW fused", "wall_ms"),
+            "<= 1.1 (PagedAdamW)" if "Paged" in name else "report", lambda v, n=name: v <= 1.1 if "Paged" in n else True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
@@ -138,11 +175,14 @@ def main() -> None:
     for k, top in tops.items():
         if k.startswith(("fwd+bwd 4096", "decode 8192 rows=1 ", "decode 8192 rows=16", "adamw")):
             print(f"-- {k}: " + "; ".join(f"{name} {ms:.3f}" for name, ms in top))
+    summary = targets(rows)
+    print("\n".join(["== targets"] + summary))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           kernels=qlora_ext.kernels_in_use(), rows=rows, top_kernels=tops), f, indent=2)
+                           kernels=qlora_ext.kernels_in_use(), rows=rows, top_kernels=tops, targets=summary), f,
+                      indent=2)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,19 @@ def test_e2e_train_tiny_on_cpu(tmp_path):
 def test_memory_65b_refuses_too_long_sequences():
     r = _run(BENCH / "memory_65b.py", "--shape", "tiny", "--device", "cpu", "--seqs", "8192")
     assert r.returncode != 0 and "longer than the tiny shape's 4096 positions" in r.stderr
+
+
+def test_profile_gpu_target_lines(monkeypatch):
+    """profile_gpu.py's closing summary reads the issues' targets off its rows: met, NOT met, missing."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import profile_gpu
+
+    rows = [dict(what="decode 8192 rows=1", variant="dense bf16", gpu_busy_ms=0.045),
+            dict(what="decode 8192 rows=1", variant="ours gemv=tc", gpu_busy_ms=0.012, packed_frac_bw=0.8),
+            dict(what="adamw 100x1M fp32", variant="torch AdamW fused", wall_ms=1.0),
+            dict(what="adamw 100x1M fp32", variant="ours PagedAdamW", wall_ms=1.3)]
+    lines = {l.split(": ")[0] + ": " + l.split(": ")[1]: l for l in profile_gpu.targets(rows)}
+    assert lines["issue 3 decode 8192 rows=1 gemv=tc: dense bf16 busy / ours busy"].endswith(" met")
+    assert lines["issue 3 decode 8192 rows=1 gemv=tc: packed bytes / busy time, of copy BW"].endswith(" met")
+    assert lines["issue 3 decode 8192 rows=1 gemv=1: dense bf16 busy / ours busy"].endswith("missing")
+    assert lines["issue 4 adamw 100x1M: ours PagedAdamW / torch fused (wall)"].endswith("NOT met")
