@@ -69,9 +69,15 @@ fi
 
 if [ "$PART" != kernels ]; then
 stage "headline (time-boxed): 65B and 8B shapes under a 48 GiB cap, 7B end-to-end"
-timeout 300 python3 bench/memory_65b.py --shape 65b --seqs 512,2048 --search --json "$OUT_DIR/memory_65b.json" 2>&1 | tee "$OUT_DIR/headline.txt" | tail -8
-timeout 150 python3 bench/memory_65b.py --shape 8b --seqs 2048 --search --no-bnb 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -4
-timeout 150 python3 bench/e2e_train.py --shape 7b 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -5
-python3 bench/estimate_check.py 2>&1 | tee "$OUT_DIR/estimate_check.txt" | tail -5
+# direct probes of the target lengths (65B >= 32K, 8B >= 200K: one step each); --search bisects instead,
+# which at 100K+ tokens costs minutes per probe
+timeout 280 python3 bench/memory_65b.py --shape 65b --seqs 512,2048 --probe 32768 --json "$OUT_DIR/memory_65b.json" \
+  --plot "$OUT_DIR/memory_65b.png" 2>&1 | tee "$OUT_DIR/headline.txt" | tail -9
+stage "8B probe"
+timeout 150 python3 bench/memory_65b.py --shape 8b --seqs 2048 --probe 204800 --no-bnb 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -5
+stage "7B end to end"
+timeout 110 python3 bench/e2e_train.py --shape 7b 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -6
+stage "estimate check"
+timeout 60 python3 bench/estimate_check.py 2>&1 | tee "$OUT_DIR/estimate_check.txt" | tail -5
 fi
 stage done

@@ -7,7 +7,7 @@ longest sequence that trains under the cap; bitsandbytes + PEFT (dense bf16 laye
 time by bitsandbytes, PEFT LoRA, its paged AdamW) in the same run when installed. A table, JSON, and a
 PNG plot of memory vs sequence length when matplotlib is installed.
 
-    python bench/memory_65b.py --shape 65b [--cap-gb 48] [--seqs 512,2048] [--search] [--json F] [--plot F]
+    python bench/memory_65b.py --shape 65b [--cap-gb 48] [--seqs 512,2048] [--probe 32768] [--search] [--json F] [--plot F]
     python bench/memory_65b.py --shape tiny --device cpu      # the CPU smoke test (python_tests)
 
 Our options: chunked loss, chunked MLP, activation offload and the optimizer stepping in the backward
@@ -181,6 +181,16 @@ def host_bound(shape: str) -> int:
     return seq
 
 
+def report(rows: list, args) -> None:
+    print(qlora_ext.kernels_in_use(args.device))
+    print(format_table(rows, ["stack", "shape", "seq", "probe", "trains", "loaded_GiB", "peak_GiB", "planned_GiB",
+                              "step_s", "tokens_per_s", "longest_seq", "predicted_longest"]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "command": " ".join(sys.argv), "cap_GiB": args.cap_gb, "rows": rows}, f, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="65b", choices=sorted(SHAPES))
@@ -188,20 +198,25 @@ def main() -> None:
     ap.add_argument("--cap-gb", type=float, default=48.0)
     ap.add_argument("--seqs", default="512,2048")
     ap.add_argument("--search", action="store_true", help="bisect the longest sequence under the cap")
+    ap.add_argument("--probe", default="",
+                    help="comma-separated lengths ours tries once each (one step: does it train under the cap, at "
+                         "what peak); the direct check of a target length, far cheaper than --search at 100K+ tokens")
     ap.add_argument("--plain", action="store_true", help="ours without chunked loss/MLP and offload")
     ap.add_argument("--no-bnb", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
     seqs = [int(s) for s in args.seqs.split(",") if s]
+    probes = [int(s) for s in args.probe.split(",") if s]
     if args.device == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
         if args.cap_gb * 2**30 > total:
             sys.exit(f"--cap-gb {args.cap_gb} is larger than the device's {total / 2**30:.1f} GiB")
         torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total)
     positions = SHAPES[args.shape][7]
-    if max(seqs) > positions:
-        sys.exit(f"--seqs asks for {max(seqs)} tokens, longer than the {args.shape} shape's {positions} positions")
+    if max(seqs + probes) > positions:
+        sys.exit(f"--seqs/--probe ask for {max(seqs + probes)} tokens, longer than the {args.shape} shape's "
+                 f"{positions} positions")
     rows = []
     builders = [("ours", lambda: build_ours(args.shape, args.device, args.plain))]
     if not args.no_bnb and args.device == "cuda":
@@ -219,6 +234,7 @@ def main() -> None:
             print(f"{name}: does not fit under the {args.cap_gb:g} GiB cap even to load")
             rows.append(dict(stack=name, shape=args.shape, seq=None, step_s=None))
             _release()
+            report(rows, args)
             continue
         loaded = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else None
         print(f"{name}: built in {time.perf_counter() - t0:.0f} s" + (f", {loaded:.1f} GiB after loading" if loaded else ""))
@@ -229,6 +245,13 @@ def main() -> None:
             r = fits(model, opt, seq, args.device) if args.device == "cuda" else train_step(model, opt, seq, args.device, 2)
             rows.append(dict(stack=name, shape=args.shape, loaded_GiB=loaded, **(r or dict(seq=seq, step_s=None)),
                              **(planned(args.shape, ours, seq, in_backward) if ours is not None else {})))
+        for seq in probes if name == "ours" else []:
+            r = fits(model, opt, seq, args.device, steps=1) if args.device == "cuda" else train_step(
+                model, opt, seq, args.device, 1)
+            rows.append(dict(stack=name, shape=args.shape, probe=seq, trains=r is not None,
+                             **({"peak_GiB": r["peak_GiB"], "step_s": r["step_s"]} if r else {}),
+                             **(planned(args.shape, ours, seq, in_backward) if ours is not None else {})))
+            _release()
         if args.search and args.device == "cuda":
             hi = min(positions, host_bound(args.shape)) if name == "ours" and not args.plain else positions
             cap = int(args.cap_gb * 2**30)
@@ -238,14 +261,7 @@ def main() -> None:
                                 if ours is not None else {})))
         del model, opt
         _release()
-    print(qlora_ext.kernels_in_use(args.device))
-    print(format_table(rows, ["stack", "shape", "seq", "loaded_GiB", "peak_GiB", "planned_GiB", "step_s", "tokens_per_s",
-                              "longest_seq", "predicted_longest"]))
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "cap_GiB": args.cap_gb, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        report(rows, args)  # after each stack: a time-boxed run that is cut short keeps what it measured
     if args.plot:
         try:
             import matplotlib

@@ -19,10 +19,12 @@ def _run(*args):
 
 def test_memory_65b_tiny_on_cpu(tmp_path):
     out = tmp_path / "m.json"
-    r = _run(BENCH / "memory_65b.py", "--shape", "tiny", "--device", "cpu", "--seqs", "64,96", "--json", out)
+    r = _run(BENCH / "memory_65b.py", "--shape", "tiny", "--device", "cpu", "--seqs", "64,96", "--probe", "160",
+             "--json", out)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [row["seq"] for row in rows] == [64, 96] and all(row["tokens_per_s"] > 0 for row in rows)
+    assert [row.get("seq") for row in rows] == [64, 96, None] and all(row["tokens_per_s"] > 0 for row in rows[:2])
+    assert rows[2]["probe"] == 160 and rows[2]["trains"] and rows[2]["planned_GiB"] > rows[1]["planned_GiB"] > 0
 
 
 def test_e2e_train_tiny_on_cpu(tmp_path):
@@ -30,7 +32,7 @@ def test_e2e_train_tiny_on_cpu(tmp_path):
     r = _run(BENCH / "e2e_train.py", "--shape", "tiny", "--device", "cpu", "--seq", "64", "--steps", "2", "--json", out)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 2 and rows[0]["vs_bf16_lora"] == 1.0
+    assert len(rows) == 3 and rows[0]["vs_bf16_lora"] == 1.0  # bf16 LoRA, ours plain, ours with every saver
 
 
 def test_memory_65b_refuses_too_long_sequences():
