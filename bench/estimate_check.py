@@ -56,7 +56,7 @@ def measure(shape, device):
         measured = measure_training_peak_cpu(model, opt, batch)
     with torch.device("meta"):
         meta = transformers.LlamaForCausalLM(cfg)
-    plan = plan_from_model(meta, cfg, S, B, qcfg)
+    plan = plan_from_model(meta, cfg, S, B, qcfg, device=device)
     planned = plan.total - (plan.paged_bytes if device == "cuda" else 0)
     del model, opt
     if device == "cuda":

@@ -68,7 +68,8 @@ def build_ours(shape: str, device: str, plain: bool, quant_type: str | None = "n
     return model, opt
 
 
-def planned(shape: str, cfg: QLoRAConfig, seq: int, in_backward: bool, cap_bytes: int | None = None) -> dict:
+def planned(shape: str, cfg: QLoRAConfig, seq: int, in_backward: bool, device: str,
+            cap_bytes: int | None = None) -> dict:
     """The estimate's plan for our run (GiB outside the paged optimizer states), and with ``cap_bytes`` the
     longest sequence it predicts under the cap."""
     import transformers
@@ -78,10 +79,11 @@ def planned(shape: str, cfg: QLoRAConfig, seq: int, in_backward: bool, cap_bytes
     hf = hf_config(shape)
     with torch.device("meta"):
         meta = transformers.LlamaForCausalLM(hf)
-    plan = plan_from_model(meta, hf, seq, 1, cfg, step_in_backward=in_backward)
+    plan = plan_from_model(meta, hf, seq, 1, cfg, step_in_backward=in_backward, device=device)
     out = {"planned_GiB": (plan.total - plan.paged_bytes) / 2**30}
     if cap_bytes:
-        out["predicted_longest"] = longest_context(meta, hf, cap_bytes, cfg, step_in_backward=in_backward)
+        out["predicted_longest"] = longest_context(meta, hf, cap_bytes, cfg, step_in_backward=in_backward,
+                                                   device=device)
     return out
 
 
@@ -244,20 +246,20 @@ def main() -> None:
         for seq in seqs:
             r = fits(model, opt, seq, args.device) if args.device == "cuda" else train_step(model, opt, seq, args.device, 2)
             rows.append(dict(stack=name, shape=args.shape, loaded_GiB=loaded, **(r or dict(seq=seq, step_s=None)),
-                             **(planned(args.shape, ours, seq, in_backward) if ours is not None else {})))
+                             **(planned(args.shape, ours, seq, in_backward, args.device) if ours is not None else {})))
         for seq in probes if name == "ours" else []:
             r = fits(model, opt, seq, args.device, steps=1) if args.device == "cuda" else train_step(
                 model, opt, seq, args.device, 1)
             rows.append(dict(stack=name, shape=args.shape, probe=seq, trains=r is not None,
                              **({"peak_GiB": r["peak_GiB"], "step_s": r["step_s"]} if r else {}),
-                             **(planned(args.shape, ours, seq, in_backward) if ours is not None else {})))
+                             **(planned(args.shape, ours, seq, in_backward, args.device) if ours is not None else {})))
             _release()
         if args.search and args.device == "cuda":
             hi = min(positions, host_bound(args.shape)) if name == "ours" and not args.plain else positions
             cap = int(args.cap_gb * 2**30)
             rows.append(dict(stack=name, shape=args.shape, longest_seq=longest(model, opt, args.device, 512, hi),
                              searched_up_to=hi,
-                             **({"predicted_longest": planned(args.shape, ours, 512, in_backward, cap)["predicted_longest"]}
+                             **({"predicted_longest": planned(args.shape, ours, 512, in_backward, args.device, cap)["predicted_longest"]}
                                 if ours is not None else {})))
         del model, opt
         _release()

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="say whether the run fits a GPU of this many GiB, and the longest sequence that does")
     est.add_argument("--chunked-loss", action="store_true", help="plan with the chunked causal-LM loss")
     est.add_argument("--chunked-mlp", action="store_true", help="plan with the sequence-chunked MLP")
+    est.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                     help="plan a GPU run (default; attention by SDPA's flash kernels: no seq x seq scores) or a CPU one")
     est.add_argument("--step-in-backward", action="store_true",
                      help="plan with the optimizer stepping in the backward pass (the gradients never all at once)")
     est.add_argument("--offload", action="store_true", help="plan with checkpointed inputs offloaded to pinned CPU memory")

@@ -12,7 +12,9 @@ and one layer's recompute in the backward (a linear model of attention-score, ML
 hidden-width tensors and one dequantized weight). The recompute constants were fitted to 8
 configurations measured on the CPU (float32 compute) and checked on 8 others: all 16 within 1.9%
 (python_tests/test_estimate.py re-measures two more).
-On a GPU with bf16 compute the same structure holds but its constants have not been measured."""
+On a GPU (the default plan) the attention-score term is left out: SDPA's flash / memory-efficient
+kernels never hold a seq x seq tensor (eager attention keeps it); with bf16 compute the rest has the
+same structure, but its constants have not been measured on a GPU."""
 from __future__ import annotations
 
 import json
@@ -87,9 +89,13 @@ def _optimizer_bytes(sizes: list[int], optim: str) -> int:
 
 
 def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, config: QLoRAConfig,
-                    optim: str = "paged_adamw_32bit", step_in_backward: bool = False) -> MemoryPlan:
+                    optim: str = "paged_adamw_32bit", step_in_backward: bool = False,
+                    device: str = "cuda") -> MemoryPlan:
     """The plan; ``step_in_backward``: the optimizer updates each tensor in the backward pass and frees
-    its gradient (``optimizer.step_in_backward()``), so the gradients count as the largest one alone."""
+    its gradient (``optimizer.step_in_backward()``), so the gradients count as the largest one alone.
+    ``device``: "cuda" leaves out the attention-score term (SDPA's flash / memory-efficient kernels keep
+    no batch x heads x seq x seq tensor) unless the config asks for eager attention; "cpu" keeps the
+    fitted CPU term."""
     if not config.gradient_checkpointing:
         raise ValueError("the memory plan is for gradient-checkpointed runs (gradient_checkpointing=True)")
     targets = set(find_targets(model, config.target_modules, config.modules_to_save))
@@ -131,7 +137,8 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
     loss_phase = 3 * loss_tokens * V * 4 + 2 * T * H * act
     a, b, c, d, e = _RECOMPUTE
     mlp_tokens = min(S, config.mlp_chunk_size) * B if config.chunked_mlp else T
-    layer_phase = int(a * B * heads * S * S * comp + b * mlp_tokens * I * comp + c * T * H * act
+    eager = device == "cpu" or getattr(hf_config, "_attn_implementation", None) == "eager"
+    layer_phase = int((a * B * heads * S * S * comp if eager else 0) + b * mlp_tokens * I * comp + c * T * H * act
                       + d * I * H * comp + e)
     opt = _optimizer_bytes(lora_sizes + ([saved] if saved else []), optim)
     quant = f"{config.quant_type.upper()}{' + DQ' if config.double_quant else ''}" if config.quant_type else "fp32"
@@ -151,11 +158,11 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
 
 
 def longest_context(model: nn.Module, hf_config, gpu_bytes: int, config: QLoRAConfig, batch: int = 1,
-                    optim: str = "paged_adamw_32bit", step_in_backward: bool = False) -> int:
+                    optim: str = "paged_adamw_32bit", step_in_backward: bool = False, device: str = "cuda") -> int:
     """The longest sequence (tokens, up to the model's positions) whose plan fits ``gpu_bytes``; 0 if none."""
     hi = int(getattr(hf_config, "max_position_embeddings", None) or 1 << 20)
     fits = lambda s: plan_from_model(model, hf_config, s, batch, config, optim,  # noqa: E731
-                                     step_in_backward).fits(gpu_bytes)
+                                     step_in_backward, device).fits(gpu_bytes)
     if not fits(1):
         return 0
     lo = 1
@@ -166,7 +173,7 @@ def longest_context(model: nn.Module, hf_config, gpu_bytes: int, config: QLoRACo
 
 
 def estimate(model: str | Path, seq_len: int = 2048, batch: int = 1, config: QLoRAConfig | None = None,
-             optim: str = "paged_adamw_32bit", step_in_backward: bool = False) -> MemoryPlan:
+             optim: str = "paged_adamw_32bit", step_in_backward: bool = False, device: str = "cuda") -> MemoryPlan:
     """The memory plan of training ``model`` (a folder or config.json) at ``batch`` x ``seq_len``."""
     if seq_len <= 0 or batch <= 0:
         raise ValueError(f"seq_len and batch must be positive, got {seq_len} and {batch}")
@@ -174,7 +181,9 @@ def estimate(model: str | Path, seq_len: int = 2048, batch: int = 1, config: QLo
     positions = getattr(hf_config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
         raise ValueError(f"seq_len={seq_len} is longer than the model's {positions} positions")
-    return plan_from_model(meta, hf_config, seq_len, batch, config or QLoRAConfig(), optim, step_in_backward)
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    return plan_from_model(meta, hf_config, seq_len, batch, config or QLoRAConfig(), optim, step_in_backward, device)
 
 
 def measure_training_peak_cpu(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> int:
@@ -216,12 +225,12 @@ def main_from_args(args) -> MemoryPlan:
                          chunked_loss=args.chunked_loss, chunked_mlp=args.chunked_mlp,
                          offload_activations=args.offload,
                          **({"upcast_non_quantized": False, "lora_dtype": torch.bfloat16} if args.bf16 else {}))
-    plan = estimate(args.model, args.seq_len, args.batch, config, args.optim, args.step_in_backward)
+    plan = estimate(args.model, args.seq_len, args.batch, config, args.optim, args.step_in_backward, args.device)
     print(plan.format(args.gpu_gb))
     if args.gpu_gb is not None:
         meta, hf_config = _meta_model(args.model)
         longest = longest_context(meta, hf_config, int(args.gpu_gb * 2**30), config, args.batch, args.optim,
-                                  args.step_in_backward)
+                                  args.step_in_backward, args.device)
         print(f"longest sequence that fits {args.gpu_gb:g} GiB at batch {args.batch}: {longest:,} tokens"
               + (" (the model's position limit)" if longest == getattr(hf_config, "max_position_embeddings", -1) else ""))
     if args.json:
