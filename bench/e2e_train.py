@@ -45,6 +45,7 @@ def main() -> None:
         model.train()
         r = train_step(model, opt, args.seq, args.device, steps=args.steps)
         rows.append(dict(stack=name, shape=args.shape, **r))
+        print(f"  {name}: {r['tokens_per_s']:.4g} tokens/s, peak {r['peak_GiB']} GiB", flush=True)
         del model, opt
         _release()
     base = rows[0]["tokens_per_s"]

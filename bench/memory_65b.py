@@ -183,6 +183,12 @@ def host_bound(shape: str) -> int:
     return seq
 
 
+def _add(rows: list, row: dict) -> None:
+    rows.append(row)
+    print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                           if v is not None), flush=True)
+
+
 def report(rows: list, args) -> None:
     print(qlora_ext.kernels_in_use(args.device))
     print(format_table(rows, ["stack", "shape", "seq", "probe", "trains", "loaded_GiB", "peak_GiB", "planned_GiB",
@@ -225,7 +231,8 @@ def main() -> None:
         try:
             import bitsandbytes  # noqa: F401
             import peft  # noqa: F401
-            builders.append(("bitsandbytes + PEFT", lambda: build_bnb_peft(args.shape, args.device)))
+            # first: its numbers survive a time-boxed run that ours' long probes cut short
+            builders.insert(0, ("bitsandbytes + PEFT", lambda: build_bnb_peft(args.shape, args.device)))
         except ImportError:
             print("bitsandbytes/peft not installed: ours only")
     for name, build in builders:
@@ -245,12 +252,12 @@ def main() -> None:
         in_backward = bool(getattr(opt, "steps_in_backward", False))
         for seq in seqs:
             r = fits(model, opt, seq, args.device) if args.device == "cuda" else train_step(model, opt, seq, args.device, 2)
-            rows.append(dict(stack=name, shape=args.shape, loaded_GiB=loaded, **(r or dict(seq=seq, step_s=None)),
+            _add(rows, dict(stack=name, shape=args.shape, loaded_GiB=loaded, **(r or dict(seq=seq, step_s=None)),
                              **(planned(args.shape, ours, seq, in_backward, args.device) if ours is not None else {})))
         for seq in probes if name == "ours" else []:
             r = fits(model, opt, seq, args.device, steps=1) if args.device == "cuda" else train_step(
                 model, opt, seq, args.device, 1)
-            rows.append(dict(stack=name, shape=args.shape, probe=seq, trains=r is not None,
+            _add(rows, dict(stack=name, shape=args.shape, probe=seq, trains=r is not None,
                              **({"peak_GiB": r["peak_GiB"], "step_s": r["step_s"]} if r else {}),
                              **(planned(args.shape, ours, seq, in_backward, args.device) if ours is not None else {})))
             _release()
@@ -273,7 +280,8 @@ def main() -> None:
             print("matplotlib not installed: no plot")
         else:
             for name, _ in builders:
-                pts = [(r["seq"], r["peak_GiB"]) for r in rows if r.get("stack") == name and r.get("peak_GiB")]
+                pts = sorted((r.get("seq") or r["probe"], r["peak_GiB"]) for r in rows
+                             if r.get("stack") == name and r.get("peak_GiB"))
                 if pts:
                     plt.plot(*zip(*pts), marker="o", label=name)
             plt.axhline(args.cap_gb, ls="--", c="gray")

@@ -70,6 +70,8 @@ def record(rows, tops, what, variant, fn, reps=20, packed_bytes=None, copy_gbps=
         row["packed_frac_bw"] = packed_bytes / (gpu / 1e3) / 1e9 / copy_gbps
     rows.append(row)
     tops[f"{what} | {variant}"] = top
+    print(f"  {what} | {variant}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                if isinstance(v, float)), flush=True)  # (a cut-short run keeps it)
 
 
 def linear_cases(rows, tops):

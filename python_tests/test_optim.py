@@ -377,3 +377,22 @@ def test_step_in_backward_can_be_turned_off():
     opt.step_in_backward(False)
     net(torch.randn(2, 40)).sum().backward()
     assert all(p.grad is not None for p in net.parameters()) and not opt.state
+
+
+def test_step_in_backward_follows_load_state_dict_and_new_groups():
+    """The hooks read the live parameter groups: after load_state_dict (which replaces the group dicts)
+    an lr of 0 freezes the tensors, and a group added later steps in the backward too."""
+    net = _tiny_net()
+    opt = PagedAdamW(list(net[0].parameters()), lr=1e-2)
+    opt.step_in_backward()
+    net(torch.randn(3, 40)).sum().backward()
+    opt.load_state_dict(opt.state_dict())
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    before = [p.detach().clone() for p in net[0].parameters()]
+    opt.add_param_group({"params": list(net[2].parameters()), "lr": 1e-2})
+    net(torch.randn(3, 40)).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, net[0].parameters()))
+    assert all(p.grad is None for p in net[2].parameters()) and all(opt.state[p]["step"] == 1 for p in net[2].parameters())
+    with pytest.raises(ValueError, match="contiguous"):
+        PagedAdamW([nn.Parameter(torch.randn(4, 4).t())]).step_in_backward()

@@ -171,6 +171,8 @@ def test_step_in_backward_trains_resumes_and_refuses_accumulation(tiny_lm, trec_
     la = [json.loads(l)["loss"] for l in open(tmp_path / "a" / "train_log.jsonl")]
     lb = [json.loads(l)["loss"] for l in open(tmp_path / "b" / "train_log.jsonl")]
     assert lb == pytest.approx(la, rel=1e-6)
+    with pytest.raises(ValueError, match="step_in_backward"):  # resuming it without the option: refused
+        _run(tiny_lm, trec_jsonl, tmp_path / "b", steps=9, resume=True)
     with pytest.raises(ValueError, match="grad-accum 1"):
         _run(tiny_lm, trec_jsonl, tmp_path / "c", steps=2, step_in_backward=True, grad_accum=2)
     from qlora_ext.optim import PagedAdamW
@@ -180,3 +182,35 @@ def test_step_in_backward_trains_resumes_and_refuses_accumulation(tiny_lm, trec_
     opt.step_in_backward()
     with pytest.raises(ValueError, match="max_grad_norm=None"):
         train(net, iter([]), lambda m, b: m(b).sum(), opt, 1, max_grad_norm=1.0, progress=False)
+
+
+def test_ctrl_c_inside_a_backward_that_steps_waits_for_the_step_boundary():
+    """With the optimizer stepping in the backward, a Ctrl-C arriving in the middle of that backward is
+    held until the step's bookkeeping is done: the checkpoint saved on the interrupt has the loop's
+    step count equal to every tensor's optimizer step count (no half-recorded step)."""
+    import os
+    import signal
+
+    from qlora_ext.optim import PagedAdamW
+    from qlora_ext.train.loop import train
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    opt = PagedAdamW(net.parameters(), lr=1e-2)
+    opt.step_in_backward()
+    seen = {"n": 0}
+
+    def ctrl_c_in_third_backward(grad):
+        seen["n"] += 1
+        if seen["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return grad
+    net[1].weight.register_hook(ctrl_c_in_third_backward)
+    saved = {}
+
+    def save(state):
+        saved.update(step=state.step, optimizer_steps={s["step"] for s in opt.state.values()})
+    with pytest.raises(KeyboardInterrupt):
+        train(net, iter([{"x": torch.randn(2, 4)} for _ in range(10)]), lambda m, b: m(b["x"]).square().mean(), opt,
+              10, max_grad_norm=None, progress=False, save=save)
+    assert saved == {"step": 3, "optimizer_steps": {3}}

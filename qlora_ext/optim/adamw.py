@@ -56,6 +56,11 @@ class _AdamWBase(torch.optim.Optimizer):
         if "_stash" not in self.__dict__:  # unpickled or deep-copied: the hooks did not come along
             self._register_hooks()
 
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "_backward_hooks", None):  # the new tensors step in the backward too
+            self.step_in_backward()
+
     @property
     def min_8bit_size(self) -> int:
         return self.defaults["min_8bit_size"]
@@ -176,15 +181,24 @@ class _AdamWBase(torch.optim.Optimizer):
         apply, bit for bit.
 
         What it rules out: gradient accumulation over several backward passes (each backward is one
-        step), gradient clipping by a global norm, and anything else that reads the gradients between
-        backward and step (the gradients are gone). Keep calling :meth:`step` once per iteration: the
-        updates are done, it only does the paging bookkeeping. ``enable=False`` removes the hooks."""
+        step), gradient clipping by a global norm, anything else that reads the gradients between
+        backward and step (the gradients are gone), and reentrant gradient checkpointing (a tensor used
+        in two reentrant segments would be stepped twice; transformers' default and ours are
+        non-reentrant). Keep calling :meth:`step` once per iteration: the updates are done, it only does
+        the paging bookkeeping. The hooks follow ``load_state_dict`` and ``add_param_group``; a pickled
+        or deep-copied optimizer comes back with the mode off. ``enable=False`` removes the hooks."""
         for h in self._backward_hooks:
             h.remove()
         self._backward_hooks = []
         if not enable:
             return
         group_of = {p: group for group in self.param_groups for p in group["params"] if p.requires_grad}
+        for group in self.param_groups:  # what can be checked before any backward is (a failing hook
+            _check_hyper(group)          # leaves the tensors before it updated)
+        for p in group_of:
+            if p.dtype not in _PARAM_DTYPES or not p.is_contiguous():
+                raise ValueError(f"{type(self).__name__} needs contiguous float32/float16/bfloat16 parameters, got "
+                                 f"{p.dtype}{'' if p.is_contiguous() else ' (not contiguous)'}")
         self._any_cuda = any(p.is_cuda for p in group_of)
 
         @torch.no_grad()
@@ -193,7 +207,7 @@ class _AdamWBase(torch.optim.Optimizer):
                 return
             group = group_of[p]
             _check_hyper(group)
-            self._update(group, [(p, self._checked_grad(p))])
+            self._any_cuda |= self._update(group, [(p, self._checked_grad(p))])
             p.grad = None
 
         self._backward_hooks = [p.register_post_accumulate_grad_hook(hook) for p in group_of]
@@ -243,6 +257,8 @@ def _stash_states(optimizer: _AdamWBase, state_dict: dict) -> dict:
 
 
 def _restore_states(optimizer: _AdamWBase) -> None:
+    if optimizer._backward_hooks:  # load_state_dict replaced the group dicts the hooks read
+        optimizer.step_in_backward()
     stash, optimizer._stash = optimizer._stash, None
     if stash is None:
         return

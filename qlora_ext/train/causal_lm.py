@@ -113,6 +113,8 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
 
     from .. import kernels_in_use
 
+    if step_in_backward and grad_accum != 1:
+        raise ValueError(f"--step-in-backward needs --grad-accum 1 (each backward is a step), got {grad_accum}")
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a local transformers model folder (no config.json); "
@@ -141,8 +143,6 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
     opt_cls = OPTIMIZERS[optim]
     opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     if step_in_backward:
-        if grad_accum != 1:
-            raise ValueError(f"--step-in-backward needs --grad-accum 1 (each backward is a step), got {grad_accum}")
         opt.step_in_backward()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,13 +150,12 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
     loop = LoopState()
     settings = {"data_sha1": hashlib.sha1(Path(data_path).read_bytes()).hexdigest(), "batch_size": batch_size,
                 "grad_accum": grad_accum, "seq_len": seq_len, "packing": packing, "eval_fraction": eval_fraction,
-                "seed": seed, "lr": lr, "optim": optim, "config": config.to_dict()}
-    if step_in_backward:  # (absent when off: checkpoints from before the option resume)
-        settings["step_in_backward"] = True
+                "seed": seed, "lr": lr, "optim": optim, "config": config.to_dict(),
+                "step_in_backward": step_in_backward}
     if resume:
         loop, extra = load_checkpoint(ckpt, model, opt)
-        changed = {k: (extra.get("settings", {}).get(k), v) for k, v in settings.items()
-                   if extra.get("settings", {}).get(k) != v}
+        saved = {"step_in_backward": False, **extra.get("settings", {})}  # (older checkpoints: the option off)
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if changed:
             raise ValueError("resuming needs the settings the checkpoint was trained with (the batch order and the "
                              f"optimizer depend on them); changed: {changed}")

@@ -114,17 +114,14 @@ def train(model: torch.nn.Module, batches: Iterator[dict], loss_fn: Callable[[to
             for _ in range(grad_accum):
                 batch = next(batches)
                 loss = loss_fn(model, batch) / grad_accum
-                if in_backward:  # the backward is the step: check first, then apply it whole
-                    total += loss.detach().item()
-                    _check_finite(total, state.step)
-                    with _DeferInterrupt():
-                        loss.backward()
-                else:
+                if not in_backward:  # (in the backward: that backward is the step, run below with it)
                     loss.backward()
-                    total += loss.detach().item()
+                total += loss.detach().item()
                 tokens += int(batch.get("num_tokens", 0))
-            _check_finite(total, state.step)
+            _check_finite(total, state.step)  # before any update
             with _DeferInterrupt():
+                if in_backward:  # every tensor's update, then the step's bookkeeping, as one unit
+                    loss.backward()
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 optimizer.step()
