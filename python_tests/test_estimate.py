@@ -69,3 +69,20 @@ def test_cli_estimate(tmp_path, capsys):
     assert cli_main(["estimate", "--model", str(tmp_path / "none")]) == 2
     assert "expected a model folder" in capsys.readouterr().err
     assert cli_main(["estimate", "--model", str(tmp_path), "--seq-len", "0"]) == 2
+
+
+def test_gpu_plan_has_no_attention_score_term_unless_eager():
+    """The default (GPU) plan leaves out the seq x seq attention scores (SDPA's flash / memory-efficient
+    kernels hold none); the CPU plan and eager attention keep them, so they grow with seq^2."""
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=1 << 16)
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(cfg)
+    qcfg = QLoRAConfig(r=4, chunked_loss=True, chunked_mlp=True)
+    rows = {d: dict(plan_from_model(meta, cfg, 16384, 1, qcfg, device=d).rows) for d in ("cuda", "cpu")}
+    key = next(k for k in rows["cpu"] if k.startswith("peak transient"))
+    scores = 0.0267 * 8 * 16384**2 * qcfg.compute_dtype.itemsize  # the fitted CPU term: a * heads * S^2 * bytes
+    assert rows["cpu"][key] - rows["cuda"][key] == pytest.approx(scores, rel=1e-3)
+    cfg._attn_implementation = "eager"
+    eager = dict(plan_from_model(meta, cfg, 16384, 1, qcfg, device="cuda").rows)
+    assert eager[key] == rows["cpu"][key]
