@@ -332,11 +332,18 @@ def test_autocast_and_non_contiguous_operands():
     assert ya.dtype == torch.float32 and _rel(ya, y) < 1e-2
 
 
-def test_double_backward():
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["lora-grads-in-the-function", "xa-outside"])
+def test_double_backward(dropout_p):
+    """Second derivatives in x, A and B, through both forms of the autograd Function (with dropout, a
+    fixed mask per call via the seed)."""
     w, x, A, B, b = _operands((3,), 32, 16, 2, torch.float64)
     packed, state = quantize_4bit(w, blocksize=32)
-    x.requires_grad_()
-    assert torch.autograd.gradgradcheck(lambda x: qlora_linear(x, packed, state, A, B, 1.0, b), (x,))
+    leaves = [t.requires_grad_() for t in (x, A, B)]
+
+    def f(x, A, B):
+        torch.manual_seed(0)
+        return qlora_linear(x, packed, state, A, B, 1.3, b, dropout_p=dropout_p)
+    assert torch.autograd.gradgradcheck(f, leaves)
 
 
 # ---- rank_scale (AdaLoRA's singular values, MoE-LoRA's gates) -------------------------------------------

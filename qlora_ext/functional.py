@@ -384,19 +384,22 @@ def qlora_linear(
 
     data, absmax, blocksize, quant_type, nested = _state_args(packed, state)
     x2 = x.reshape(x.shape[:-1].numel(), in_features)
-    xa = None
+    xa = fused_A = None
     if lora_A is not None:
-        xd = torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2
-        # .to(x.dtype): under autocast the matmul returns the autocast dtype; the op computes in x's
-        xa = xd @ lora_A.t()
-        if rank_scale is not None:
-            xa = xa * (rank_scale if rank_scale.dim() == 1 else rank_scale.reshape(-1, rank_scale.shape[-1]))
-        xa = (xa * scaling).to(x.dtype)
         lora_B = lora_B.contiguous()
+        if dropout_p > 0 or rank_scale is not None:  # xa here; the Function takes it as an input
+            xd = torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2
+            # .to(x.dtype): under autocast the matmul returns the autocast dtype; the op computes in x's
+            xa = xd @ lora_A.t()
+            if rank_scale is not None:
+                xa = xa * (rank_scale if rank_scale.dim() == 1 else rank_scale.reshape(-1, rank_scale.shape[-1]))
+            xa = (xa * scaling).to(x.dtype)
+        else:
+            fused_A = lora_A  # the Function forms xa and folds the LoRA input gradient into the base one
     if bias is not None:
         bias = bias.contiguous()
-    y = _QLoRALinear.apply(x2, xa, lora_B, bias, (data, absmax, blocksize, quant_type, out_features, in_features,
-                                                  *nested))
+    y = _QLoRALinear.apply(x2, xa, fused_A, lora_B, bias, scaling,
+                           (data, absmax, blocksize, quant_type, out_features, in_features, *nested))
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -414,25 +417,49 @@ class _QLoRALinear(torch.autograd.Function):
     per-call schema walk (~70 us of Python per forward + backward; it matters when launches bound the
     step): the op calls dispatch below the Autograd key, where the op's Python autograd kernel would
     otherwise run again (~40 us a call on this 2-core machine). Differentiable twice: the backward is
-    built from differentiable ops (under create_graph the op's own autograd is kept)."""
+    built from differentiable ops (under create_graph the op's own autograd is kept).
+
+    Two forms. Given ``xa`` (the r-wide ``scaling * (dropout(x) A^T) * rank_scale``, computed outside),
+    it saves xa and B. Given ``lora_A`` instead (no dropout, no rank_scale: the common training call), it
+    computes xa itself and its backward adds the LoRA path's input gradient into the base one in the
+    same GEMM (``grad_x = g W + s (g B) A``, one addmm) and forms grad_A, where autograd would otherwise
+    run a separate matmul node, a scaling node and an elementwise sum over grad_x; it saves x for grad_A,
+    as that matmul node would."""
 
     @staticmethod
-    def forward(ctx, x, xa, lora_B, bias, w):  # w: the 4-bit weight's op arguments (constants)
-        ctx.w = w
-        ctx.save_for_backward(xa, lora_B)  # the r-wide activations and B; never x, never W
+    def forward(ctx, x, xa, lora_A, lora_B, bias, scaling, w):  # w: the 4-bit weight's op arguments
+        ctx.w, ctx.scaling = w, scaling
+        if lora_A is not None:
+            # .to(x.dtype): under autocast the matmul returns the autocast dtype; the op computes in x's
+            xa = ((x @ lora_A.t()) * scaling).to(x.dtype)
+            ctx.save_for_backward(xa, lora_B, x, lora_A)
+        else:
+            ctx.save_for_backward(xa, lora_B)  # the r-wide activations and B; never x, never W
         with _below_autograd():  # (this Function is the autograd: skip the op's own)
             return torch.ops.qlora.linear_4bit(x, *w, xa, lora_B, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        xa, lora_B = ctx.saved_tensors
+        xa, lora_B, *fused = ctx.saved_tensors
         grad = grad.contiguous()
-        need_x, need_xa, need_B, need_bias, _ = ctx.needs_input_grad
-        grad_x = None
+        need_x, need_xa, need_A, need_B, need_bias, _, _ = ctx.needs_input_grad
+        grad_x = grad_xa = grad_A = None
         if need_x:  # re-dequantizes W; below autograd unless a double backward needs the op's own formula
             with contextlib.nullcontext() if torch.is_grad_enabled() else _below_autograd():
                 grad_x = torch.ops.qlora.linear_4bit_grad_input(grad, *ctx.w)
-        grad_xa = grad @ lora_B if need_xa else None
+        if fused:
+            x, lora_A = fused
+            if torch.is_grad_enabled():  # a double backward: xa again, now with its graph to x and A
+                xa = ((x @ lora_A.t()) * ctx.scaling).to(xa.dtype)
+            if need_x or need_A:
+                g_lora = (grad @ lora_B) * ctx.scaling  # the gradient of x A^T
+                if need_A:
+                    grad_A = g_lora.t() @ x
+                if need_x:  # in place when nothing differentiates through it (a double backward does)
+                    grad_x = (torch.addmm(grad_x, g_lora, lora_A) if torch.is_grad_enabled()
+                              else grad_x.addmm_(g_lora, lora_A))
+        elif need_xa:
+            grad_xa = grad @ lora_B
         grad_B = grad.t() @ xa if need_B else None
         grad_bias = grad.sum(0) if need_bias else None
-        return grad_x, grad_xa, grad_B, grad_bias, None
+        return grad_x, grad_xa, grad_A, grad_B, grad_bias, None, None
