@@ -76,17 +76,18 @@ if [ "$PART" != kernels ]; then
 stage "headline (time-boxed): 65B and 8B shapes under a 48 GiB cap, 7B end-to-end"
 # direct probes of the target lengths (65B >= 32K, 8B >= 200K: one step each); --search bisects instead,
 # which at 100K+ tokens costs minutes per probe. One deadline for the part (GPU_CHECK_HEADLINE_S, default
-# 420 s after the build), each step capped by what is left; every script reports as it goes.
+# 420 s after the build), each step capped by what is left; every script reports as it goes. The 8B
+# probe is one step over 204,800 tokens (~1e16 FLOP of attention alone: a minute or more).
 HEADLINE_S=${GPU_CHECK_HEADLINE_S:-420}; H0=$SECONDS
 budget() { local l=$(( HEADLINE_S - SECONDS + H0 )); (( l > $1 )) && l=$1; (( l < 5 )) && l=5; echo $l; }
-timeout "$(budget 190)" python3 bench/memory_65b.py --shape 65b --seqs 512,2048 --probe 32768 \
+timeout "$(budget 180)" python3 bench/memory_65b.py --shape 65b --seqs 512,2048 --probe 32768 \
   --json "$OUT_DIR/memory_65b.json" --plot "$OUT_DIR/memory_65b.png" 2>&1 | tee "$OUT_DIR/headline.txt" | tail -12
 stage "8B probe"
-timeout "$(budget 110)" python3 bench/memory_65b.py --shape 8b --seqs 2048 --probe 204800 --no-bnb \
+timeout "$(budget 150)" python3 bench/memory_65b.py --shape 8b --seqs 2048 --probe 204800 --no-bnb \
   --json "$OUT_DIR/memory_8b.json" 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -6
 stage "7B end to end"
-timeout "$(budget 80)" python3 bench/e2e_train.py --shape 7b 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -8
+timeout "$(budget 60)" python3 bench/e2e_train.py --shape 7b 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -8
 stage "estimate check"
-timeout "$(budget 40)" python3 bench/estimate_check.py 2>&1 | tee "$OUT_DIR/estimate_check.txt" | tail -5
+timeout "$(budget 30)" python3 bench/estimate_check.py 2>&1 | tee "$OUT_DIR/estimate_check.txt" | tail -5
 fi
 stage done
