@@ -89,6 +89,28 @@ def cpu_bench(rows: list, n: int = 2048, batch: int = 512, r: int = 16) -> None:
                              ours_speedup=t / base))
 
 
+def cpu_decode_bench(rows: list, r: int = 16) -> None:
+    """Few rows, float32, no grad: the CPU decode path (cache-sized chunks of W, register-tiled dot
+    products) against the tile path (QLORA_EXT_GEMV=0: a 4M-element tile dequantized to memory + GEMM)
+    and the dense float32 layer."""
+    for n in (2048, 4096):
+        w = torch.randn(n, n) / n**0.5
+        variants = _variants(w, r, torch.float32, "cpu")
+        for m in (1, 4, 8):
+            x = torch.randn(m, n)
+            with torch.no_grad():
+                fused, dense = variants["ours (fused)"][0], variants["dense + LoRA (no quant)"][0]
+                times = {"ours (decode path)": cpu_time(lambda: fused(x), reps=15)}
+                os.environ["QLORA_EXT_GEMV"] = "0"
+                times["ours (tile path)"] = cpu_time(lambda: fused(x), reps=15)
+                os.environ.pop("QLORA_EXT_GEMV")
+                times["dense + LoRA (no quant)"] = cpu_time(lambda: dense(x), reps=15)
+            for name, t in times.items():
+                rows.append(dict(device="cpu", threads=torch.get_num_threads(), work="decode", shape=f"{n}x{n}",
+                                 rows=m, r=r, dtype="float32", variant=name, ms=t * 1e3,
+                                 ours_speedup=t / times["ours (decode path)"]))
+
+
 def _cuda_ms(fn, reps=20):
     return event_time(fn, reps=reps) * 1e3
 
@@ -151,6 +173,7 @@ def main() -> None:
     ceilings: dict = {}
     t0 = time.time()
     cpu_bench(rows)
+    cpu_decode_bench(rows)
     if torch.cuda.is_available() and not args.cpu_only:
         gpu_bench(rows, ceilings)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -303,6 +303,35 @@ def test_cuda_tensor_core_mode_leaves_other_calls_to_the_other_paths(cuda_device
             qlora_linear(x, packed, state, A, B, 0.5, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,in_f,out_f,bs,avx2", [
+    (1, 4096, 300, 64, True), (8, 123, 77, 64, True), (3, 1000, 33, 4096, True), (5, 123, 70, 32, False),
+    (2, 64, 1, 64, False), (6, 256, 45, 64, True), (7, 136, 9, 64, True), (4, 1000, 31, 64, True),
+    (2, 77, 13, 64, True)])
+def test_cpu_decode_path_matches_reference(monkeypatch, dtype, rows, in_f, out_f, bs, avx2):
+    """<= 8 rows of float32 x on the CPU take the decode path (W dequantized a cache-sized chunk at a
+    time, AVX2 register tiles of dot products): equal to the float64 reference within the plain path's
+    error budget, for in_features not a multiple of the block (chunks of whole blocks spanning rows), a
+    block larger than a row, the scalar path (no AVX2), one output; QLORA_EXT_GEMV=0 gives the tile
+    path instead, which 16-bit x always takes (checked the same way)."""
+    if not avx2:
+        monkeypatch.setenv("QLORA_EXT_DISABLE_AVX2", "1")
+    w, x, A, B, b = _operands((rows,), in_f, out_f, 4, dtype)
+    packed, state = quantize_4bit(w, blocksize=bs, double_quant=True)
+    y = qlora_linear(x, packed, state, A, B, 0.5, b)
+    w_deq = dequantize_4bit(packed, state, out_dtype=torch.float32)
+    y64 = ref.qlora_linear(x.double(), w_deq.double(), A.double(), B.double(), 0.5, b.double())
+    yp = torch.nn.functional.linear(x.float(), w_deq.to(dtype).float(), b.float()).to(dtype) + (
+        (x @ A.t()) * 0.5) @ B.t()
+    floor = {torch.float32: 1e-6}.get(dtype, 0.5 * torch.finfo(dtype).eps)
+    assert _rel(y, y64) <= max(2 * _rel(yp, y64), floor), (_rel(y, y64), _rel(yp, y64))
+    monkeypatch.setenv("QLORA_EXT_GEMV", "0")
+    y_tile = qlora_linear(x, packed, state, A, B, 0.5, b)
+    assert _rel(y_tile, y64) <= max(2 * _rel(yp, y64), floor)
+    if dtype == torch.float32:  # two float32 paths: close, not bitwise (summation order)
+        assert _rel(y, y_tile) < 1e-5
+
+
 @pytest.mark.parametrize("out_f,in_f,bs", [(1000, 4200, 64), (4097, 1100, 64), (130, 33000, 4096)])
 def test_several_cpu_tiles(out_f, in_f, bs):
     """Layers above the CPU kernel's 4M-element tile: tile boundaries, a partial last tile."""

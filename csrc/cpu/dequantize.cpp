@@ -116,18 +116,23 @@ QLORA_AVX2 inline void dequantize_blocks_avx2(const Quant4bitView& w, const floa
   dequantize_blocks_avx2_16bit(w, code, b0, b1, origin, out);
 }
 
-bool use_avx2() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  const char* off = std::getenv("QLORA_EXT_DISABLE_AVX2");  // lets the tests cover the scalar path
-  return supported && !(off && std::strcmp(off, "0") != 0 && *off);
-}
 #else
 template <typename T>
 void dequantize_blocks_avx2(const Quant4bitView&, const float*, int64_t, int64_t, int64_t, T*) {}  // never called
-bool use_avx2() { return false; }
 #endif
 
 }  // namespace
+
+bool use_avx2() {
+#if defined(__x86_64__)
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                                __builtin_cpu_supports("fma");
+  const char* off = std::getenv("QLORA_EXT_DISABLE_AVX2");  // lets the tests cover the scalar path
+  return supported && !(off && std::strcmp(off, "0") != 0 && *off);
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 void dequantize_4bit_range(const Quant4bitView& w, int64_t b_begin, int64_t b_end, T* out) {

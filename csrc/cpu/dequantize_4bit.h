@@ -29,6 +29,9 @@ Quant4bitView host_view(const at::Tensor& packed, const at::Tensor& absmax, Quan
                         const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                         int64_t nested_blocksize);
 
+// Whether the AVX2 (+F16C, FMA) paths run: the CPU has them and QLORA_EXT_DISABLE_AVX2 is not set.
+bool use_avx2();
+
 // Dequantizes blocks [b_begin, b_end) into `out` (out[0] = element b_begin * blocksize), in parallel.
 // T: float, c10::Half or c10::BFloat16.
 template <typename T>

@@ -1,5 +1,7 @@
-// CPU kernels: the 4-bit linear (y = x W^T + lora_xa B^T + bias) and its input gradient (g W),
-// blocked over rows of W: dequantize a tile of W (about 4M elements) into a reused buffer, multiply
+// CPU kernels: the 4-bit linear (y = x W^T + lora_xa B^T + bias) and its input gradient (g W).
+// Up to kCpuGemvMaxRows rows of float32 x (decode): gemv_4bit.cpp, cache-sized chunks of W and dot
+// products (QLORA_EXT_GEMV=0 turns it off, as on CUDA); 16-bit x keeps the tile path, whose 16-bit GEMM
+// beat it here from 4 rows (bench/RESULTS.md). Otherwise blocked over rows of W: dequantize a tile of W (about 4M elements) into a reused buffer, multiply
 // it with ATen's GEMM, move on. Tiles hold whole blocks, so a tile is at least blocksize / gcd(in,
 // blocksize) rows: with an odd in_features and a large blocksize that minimum (and so the buffer) can
 // exceed 4M elements; for usual layers (in_features a multiple of 64) W never exists whole above 4M.
@@ -8,11 +10,14 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <numeric>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "cpu/dequantize_4bit.h"
+#include "cpu/gemv_4bit.h"
 
 namespace qlora {
 namespace {
@@ -70,6 +75,13 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   check_linear_4bit_extras(x, out_features, lora_xa, lora_B, bias);
   const LinearSetup s = setup(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
                               nested_code, offset, nested_blocksize);
+  const char* gemv = std::getenv("QLORA_EXT_GEMV");
+  if (x.size(0) <= kCpuGemvMaxRows && x.scalar_type() == at::kFloat && !(gemv && std::strcmp(gemv, "0") == 0)) {
+    at::Tensor y = gemv_4bit_cpu(x.contiguous(), s.w, out_features, in_features);
+    if (bias) y.add_(*bias);
+    if (lora_xa) y.addmm_(*lora_xa, lora_B->t());
+    return y;
+  }
   // y starts as the bias, and each GEMM accumulates into its columns in place (BLAS ldc): the base
   // term is rounded once with its bias, as in addmm, and the LoRA term once more.
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
