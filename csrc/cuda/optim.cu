@@ -23,12 +23,22 @@ __device__ __forceinline__ AdamWTensor find_tensor(const AdamWTensor* __restrict
   return tensors[lo];
 }
 
+// This CTA's chunk: its tensor and element range [start, end).
+struct Chunk {
+  AdamWTensor t;
+  int64_t start, end;
+};
+
+__device__ __forceinline__ Chunk this_chunk(const AdamWTensor* __restrict__ tensors, int num_tensors) {
+  const AdamWTensor t = find_tensor(tensors, num_tensors, blockIdx.x);
+  const int64_t start = (blockIdx.x - t.first_chunk) * kOptimChunk;
+  return {t, start, min(start + kOptimChunk, t.n)};
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     adamw_kernel(const AdamWTensor* __restrict__ tensors, int num_tensors, const AdamWStep s) {
-  const AdamWTensor t = find_tensor(tensors, num_tensors, blockIdx.x);
-  const int64_t start = (blockIdx.x - t.first_chunk) * kOptimChunk;
-  const int64_t end = min(start + kOptimChunk, t.n);
+  const auto [t, start, end] = this_chunk(tensors, num_tensors);
   T* p = static_cast<T*>(t.p);
   const T* g = static_cast<const T*>(t.g);
   float* m = static_cast<float*>(t.m);
@@ -84,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
   static_assert(kOptimBlock == 32 * 8, "a warp of 8 values per lane per 8-bit block");
   static_assert(kOptimChunk % (kWarps * kOptimBlock) == 0, "whole blocks per warp");
   __shared__ float s_code_m[256], s_code_v[256], mids_m[255], mids_v[255];
-  const AdamWTensor t = find_tensor(tensors, num_tensors, blockIdx.x);
+  const auto [t, start, end] = this_chunk(tensors, num_tensors);
   s_code_m[threadIdx.x] = code_m[threadIdx.x];
   s_code_v[threadIdx.x] = code_v[threadIdx.x];
   __syncthreads();
@@ -94,8 +104,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t start = (blockIdx.x - t.first_chunk) * kOptimChunk;
-  const int64_t end = min(start + kOptimChunk, t.n);
   T* p = static_cast<T*>(t.p);
   const T* g = static_cast<const T*>(t.g);
   uint8_t* qm = static_cast<uint8_t*>(t.m);

@@ -47,18 +47,27 @@ void for_each_dtype_group(at::TensorList params, const std::vector<cuda::AdamWTe
   }
 }
 
+// One table entry per tensor (absmax lists empty for 32-bit states); all on params[0]'s device.
+std::vector<cuda::AdamWTensor> tensor_table(at::TensorList params, at::TensorList grads, at::TensorList m,
+                                            at::TensorList v, at::TensorList absmax_m, at::TensorList absmax_v) {
+  std::vector<cuda::AdamWTensor> all;
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "all params must be on one device");
+    auto* am = absmax_m.empty() ? nullptr : reinterpret_cast<uint16_t*>(absmax_m[i].mutable_data_ptr());
+    auto* av = absmax_v.empty() ? nullptr : reinterpret_cast<uint16_t*>(absmax_v[i].mutable_data_ptr());
+    all.push_back({params[i].mutable_data_ptr(), grads[i].const_data_ptr(), m[i].mutable_data_ptr(),
+                   v[i].mutable_data_ptr(), am, av, params[i].numel(), 0});
+  }
+  return all;
+}
+
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, double lr, double beta1, double beta2, double eps,
                      double weight_decay, int64_t step) {
   check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, at::kFloat, lr, beta1, beta2, eps, weight_decay, step);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  std::vector<cuda::AdamWTensor> all;
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "all params must be on one device");
-    all.push_back({params[i].mutable_data_ptr(), grads[i].const_data_ptr(), exp_avgs[i].mutable_data_ptr(),
-                   exp_avg_sqs[i].mutable_data_ptr(), nullptr, nullptr, params[i].numel(), 0});
-  }
+  const std::vector<cuda::AdamWTensor> all = tensor_table(params, grads, exp_avgs, exp_avg_sqs, {}, {});
   const AdamWStep s = make_adamw_step(lr, beta1, beta2, eps, weight_decay, step);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for_each_dtype_group(params, all, [&](auto* t, int nt, int64_t nc, cuda::DType dt) {
@@ -74,13 +83,7 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   check_adamw8bit_extras(params, absmax_m, absmax_v, code_m, code_v, kOptimBlock);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  std::vector<cuda::AdamWTensor> all;
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "all params must be on one device");
-    all.push_back({params[i].mutable_data_ptr(), grads[i].const_data_ptr(), qm[i].mutable_data_ptr(),
-                   qv[i].mutable_data_ptr(), reinterpret_cast<uint16_t*>(absmax_m[i].mutable_data_ptr()),
-                   reinterpret_cast<uint16_t*>(absmax_v[i].mutable_data_ptr()), params[i].numel(), 0});
-  }
+  const std::vector<cuda::AdamWTensor> all = tensor_table(params, grads, qm, qv, absmax_m, absmax_v);
   const AdamWStep s = make_adamw_step(lr, beta1, beta2, eps, weight_decay, step);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for_each_dtype_group(params, all, [&](auto* t, int nt, int64_t nc, cuda::DType dt) {
