@@ -351,6 +351,32 @@ def _op_quant_args(packed, state):
             state.nested_code, state.offset.reshape(1), state.nested_blocksize)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("frozen_A", [False, True], ids=["A-trained", "A-frozen"])
+def test_backward_under_autocast(compiled, frozen_A):
+    """fp32 x, bf16 autocast around forward and backward (a compiled backward is traced under the
+    forward's autocast): gradients of x, A and B close to the float64 reference (bf16 matmuls)."""
+    w, x, A, B, b = _operands((6,), 64, 40, 4, torch.float32)
+    packed, state = quantize_4bit(w, blocksize=64)
+    leaves = [x.requires_grad_(), A.requires_grad_(not frozen_A), B.requires_grad_()]
+    f = lambda x, A, B: qlora_linear(x, packed, state, A, B, 0.7, b)  # noqa: E731
+    if compiled:
+        torch._dynamo.reset()
+        f = torch.compile(f, fullgraph=True, backend="aot_eager")
+    g = torch.randn(6, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = f(*leaves)
+        y.backward(g)
+    w64 = dequantize_4bit(packed, state, out_dtype=torch.float32).double()
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref.qlora_linear(ref_leaves[0], w64, ref_leaves[1], ref_leaves[2], 0.7, b.double()).backward(g.double())
+    for t, r in zip(leaves, ref_leaves):
+        if t.requires_grad:
+            assert t.grad.dtype == torch.float32 and _rel(t.grad, r.grad) < 2e-2
+        else:
+            assert t.grad is None
+
+
 def test_autocast_and_non_contiguous_operands():
     w, x, A, B, b = _operands((4,), 64, 48, 4, torch.float32)
     packed, state = quantize_4bit(w)

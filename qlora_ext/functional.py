@@ -387,7 +387,9 @@ def qlora_linear(
     xa = fused_A = None
     if lora_A is not None:
         lora_B = lora_B.contiguous()
-        if dropout_p > 0 or rank_scale is not None:  # xa here; the Function takes it as an input
+        # xa here, the Function taking it as an input: with dropout or rank_scale, and for a frozen A
+        # (the fused form would save x for a grad_A nobody wants)
+        if dropout_p > 0 or rank_scale is not None or (torch.is_grad_enabled() and not lora_A.requires_grad):
             xd = torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2
             # .to(x.dtype): under autocast the matmul returns the autocast dtype; the op computes in x's
             xa = xd @ lora_A.t()
@@ -420,7 +422,8 @@ class _QLoRALinear(torch.autograd.Function):
     built from differentiable ops (under create_graph the op's own autograd is kept).
 
     Two forms. Given ``xa`` (the r-wide ``scaling * (dropout(x) A^T) * rank_scale``, computed outside),
-    it saves xa and B. Given ``lora_A`` instead (no dropout, no rank_scale: the common training call), it
+    it saves xa and B. Given ``lora_A`` instead (no dropout, no rank_scale, A trained: the common training
+    call), it
     computes xa itself and its backward adds the LoRA path's input gradient into the base one in the
     same GEMM (``grad_x = g W + s (g B) A``, one addmm) and forms grad_A, where autograd would otherwise
     run a separate matmul node, a scaling node and an elementwise sum over grad_x; it saves x for grad_A,
@@ -452,11 +455,13 @@ class _QLoRALinear(torch.autograd.Function):
             if torch.is_grad_enabled():  # a double backward: xa again, now with its graph to x and A
                 xa = ((x @ lora_A.t()) * ctx.scaling).to(xa.dtype)
             if need_x or need_A:
-                g_lora = (grad @ lora_B) * ctx.scaling  # the gradient of x A^T
+                # the gradient of x A^T, in x's dtype (a backward traced under autocast, as torch.compile
+                # does, would give the matmul's 16-bit result: the in-place addmm needs one dtype)
+                g_lora = ((grad @ lora_B) * ctx.scaling).to(x.dtype)
                 if need_A:
-                    grad_A = g_lora.t() @ x
+                    grad_A = (g_lora.t() @ x).to(lora_A.dtype)
                 if need_x:  # in place when nothing differentiates through it (a double backward does)
-                    grad_x = (torch.addmm(grad_x, g_lora, lora_A) if torch.is_grad_enabled()
+                    grad_x = (torch.addmm(grad_x, g_lora, lora_A).to(x.dtype) if torch.is_grad_enabled()
                               else grad_x.addmm_(g_lora, lora_A))
         elif need_xa:
             grad_xa = grad @ lora_B

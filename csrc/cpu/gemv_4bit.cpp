@@ -8,8 +8,8 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <memory>
 #include <numeric>
-#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -117,12 +117,13 @@ at::Tensor gemv_4bit_cpu(const at::Tensor& x, const Quant4bitView& w, int64_t ou
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> buf(per_chunk * K + bs);  // (+ bs: the last block may reach past the last row)
+    // (uninitialised: every element read is written first; the last block stops at the weight's end)
+    const std::unique_ptr<float[]> buf(new float[std::min(per_chunk, out_features) * K]);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t o0 = c * per_chunk, o1 = std::min(out_features, o0 + per_chunk);
       // (runs inline: a parallel_for inside a parallel region does not fork again)
-      dequantize_4bit_range<float>(w, o0 * K / bs, ceil_div(o1 * K, bs), buf.data());
-      rows_dot(avx2, buf.data(), o1 - o0, xp, static_cast<int>(rows), K, yp + o0, out_features);
+      dequantize_4bit_range<float>(w, o0 * K / bs, ceil_div(o1 * K, bs), buf.get());
+      rows_dot(avx2, buf.get(), o1 - o0, xp, static_cast<int>(rows), K, yp + o0, out_features);
     }
   });
   return y;
