@@ -185,3 +185,5 @@ def test_estimate_refuses_sequences_past_the_positions(tmp_path):
         estimate(tmp_path, seq_len=65)
     with pytest.raises(ValueError, match="gradient-checkpointed runs"):
         estimate(tmp_path, seq_len=8, config=QLoRAConfig(gradient_checkpointing=False))
+    with pytest.raises(ValueError, match="device must be 'cuda' or 'cpu', got 'tpu'"):
+        estimate(tmp_path, seq_len=8, device="tpu")
