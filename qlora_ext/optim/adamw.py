@@ -92,13 +92,16 @@ class _AdamWBase(torch.optim.Optimizer):
             return g.to(dtype, memory_format=torch.contiguous_format)
         if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        self._check_param(p)
+        raise TypeError(f"{type(self).__name__} needs strided gradients, got {g.layout}")
+
+    def _check_param(self, p: torch.Tensor) -> None:
         if p.is_complex():
             raise TypeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
-        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if p.dtype not in _PARAM_DTYPES:
             raise TypeError(f"{type(self).__name__} supports float32/float16/bfloat16 parameters, got {p.dtype}")
         if not p.is_contiguous():
             raise ValueError(f"{type(self).__name__} needs contiguous parameters")
-        raise TypeError(f"{type(self).__name__} needs strided gradients, got {g.layout}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -196,9 +199,7 @@ class _AdamWBase(torch.optim.Optimizer):
         for group in self.param_groups:  # what can be checked before any backward is (a failing hook
             _check_hyper(group)          # leaves the tensors before it updated)
         for p in group_of:
-            if p.dtype not in _PARAM_DTYPES or not p.is_contiguous():
-                raise ValueError(f"{type(self).__name__} needs contiguous float32/float16/bfloat16 parameters, got "
-                                 f"{p.dtype}{'' if p.is_contiguous() else ' (not contiguous)'}")
+            self._check_param(p)
         self._any_cuda = any(p.is_cuda for p in group_of)
 
         @torch.no_grad()
