@@ -332,6 +332,17 @@ def test_cpu_decode_path_matches_reference(monkeypatch, dtype, rows, in_f, out_f
         assert _rel(y, y_tile) < 1e-5
 
 
+def test_gemv_setting_is_checked_on_the_cpu(monkeypatch):
+    """QLORA_EXT_GEMV takes 0, 1 or tc on every device: another value is refused, naming the variable."""
+    w, x, A, B, b = _operands((300,), 64, 8, 2, torch.float32)
+    packed, state = quantize_4bit(w)
+    monkeypatch.setenv("QLORA_EXT_GEMV", "tc")  # (accepted: the CUDA kernel's mode; the CPU paths as default)
+    qlora_linear(x, packed, state, A, B, 1.0, b)
+    monkeypatch.setenv("QLORA_EXT_GEMV", "fast")
+    with pytest.raises(ValueError, match="QLORA_EXT_GEMV must be 0, 1 or tc, got 'fast'"):
+        qlora_linear(x, packed, state, A, B, 1.0, b)
+
+
 @pytest.mark.parametrize("out_f,in_f,bs", [(1000, 4200, 64), (4097, 1100, 64), (130, 33000, 4096)])
 def test_several_cpu_tiles(out_f, in_f, bs):
     """Layers above the CPU kernel's 4M-element tile: tile boundaries, a partial last tile."""

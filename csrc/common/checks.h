@@ -8,12 +8,26 @@
 #include <c10/util/safe_numerics.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "common/codes.h"
 
 namespace qlora {
+
+// QLORA_EXT_GEMV, read by both devices' linear glue: unset or "1" the default decode paths, "0" none
+// (dequantize + GEMM for every row count, for A/B timing), "tc" CUDA's tensor-core decode kernel.
+enum class GemvMode { Off, Default, TensorCores };
+
+inline GemvMode gemv_mode() {
+  const char* v = std::getenv("QLORA_EXT_GEMV");
+  if (v == nullptr || std::strcmp(v, "1") == 0) return GemvMode::Default;
+  if (std::strcmp(v, "0") == 0) return GemvMode::Off;
+  TORCH_CHECK_VALUE(std::strcmp(v, "tc") == 0, "QLORA_EXT_GEMV must be 0, 1 or tc, got '", v, "'");
+  return GemvMode::TensorCores;
+}
 
 inline QuantType parse_quant_type(const std::string& quant_type) {
   if (quant_type == "nf4") return QuantType::NF4;

@@ -10,8 +10,6 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <numeric>
 
 #include "common/checks.h"
@@ -75,8 +73,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   check_linear_4bit_extras(x, out_features, lora_xa, lora_B, bias);
   const LinearSetup s = setup(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
                               nested_code, offset, nested_blocksize);
-  const char* gemv = std::getenv("QLORA_EXT_GEMV");
-  if (x.size(0) <= kCpuGemvMaxRows && x.scalar_type() == at::kFloat && !(gemv && std::strcmp(gemv, "0") == 0)) {
+  const GemvMode mode = gemv_mode();  // (read first: a bad value is refused whatever the row count)
+  if (x.size(0) <= kCpuGemvMaxRows && x.scalar_type() == at::kFloat && mode != GemvMode::Off) {
     at::Tensor y = gemv_4bit_cpu(x.contiguous(), s.w, out_features, in_features);
     if (bias) y.add_(*bias);
     if (lora_xa) y.addmm_(*lora_xa, lora_B->t());

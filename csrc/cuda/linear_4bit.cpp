@@ -15,8 +15,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 
 #include "common/checks.h"
 #include "cuda/gemv_4bit.h"
@@ -34,17 +32,6 @@ at::Tensor dense_weight(const at::Tensor& act, const at::Tensor& packed, const a
   const std::vector<c10::SymInt> shape{c10::SymInt(out_features), c10::SymInt(in_features)};
   return dequantize_4bit_cuda(packed, absmax, blocksize, quant_type, shape, act.scalar_type(), nested_absmax,
                               nested_code, offset, nested_blocksize);
-}
-
-enum class GemvMode { Off, CudaCores, TensorCores };
-
-GemvMode gemv_mode() {
-  const char* v = std::getenv("QLORA_EXT_GEMV");
-  if (v == nullptr) return GemvMode::CudaCores;
-  if (std::strcmp(v, "0") == 0) return GemvMode::Off;
-  if (std::strcmp(v, "tc") == 0) return GemvMode::TensorCores;
-  TORCH_CHECK_VALUE(std::strcmp(v, "1") == 0, "QLORA_EXT_GEMV must be 0, 1 or tc, got '", v, "'");
-  return GemvMode::CudaCores;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
