@@ -212,26 +212,30 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_tc_kernel(const Gemv4bi
   }
 }
 
-int current_device() {
+// A positive per-device fact, computed once per device by `compute` (called with the device index) and
+// cached in `cache` (0 = not yet known); devices past the cache's size compute it every time.
+template <int N, typename F>
+int per_device(std::atomic<int> (&cache)[N], F&& compute) {
   int dev = 0;
   cudaGetDevice(&dev);
-  return dev;
+  int v = dev < N ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    v = compute(dev);
+    if (dev < N) cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
 }
 
 // Persistent CTAs: as many as fit on the device at once (cached per device), at most one per tile.
 template <typename T, bool NESTED, int NT>
 void launch(const Gemv4bitArgs& a, cudaStream_t stream) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> slots[kMaxDevices];  // resident CTAs per device, 0 = not yet asked
-  const int dev = current_device();
-  int resident = dev < kMaxDevices ? slots[dev].load(std::memory_order_relaxed) : 0;
-  if (resident == 0) {
+  static std::atomic<int> slots[64];
+  const int resident = per_device(slots, [](int dev) {
     int sms = 0, per_sm = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_4bit_tc_kernel<T, NESTED, NT>, kWarps * 32, 0);
-    resident = sms * (per_sm > 0 ? per_sm : 1);
-    if (dev < kMaxDevices) slots[dev].store(resident, std::memory_order_relaxed);
-  }
+    return sms * (per_sm > 0 ? per_sm : 1);
+  });
   const int64_t tiles = (a.out_features + kTile - 1) / kTile;
   const unsigned grid = static_cast<unsigned>(tiles < resident ? tiles : resident);
   gemv_4bit_tc_kernel<T, NESTED, NT><<<grid, kWarps * 32, 0, stream>>>(a);
@@ -251,20 +255,15 @@ void launch_rows(const Gemv4bitArgs& a, cudaStream_t stream) {
 // mma.sync needs compute capability 8.0, and so does the code the device runs: a build whose code for
 // this device is JIT-compiled from older PTX (an arch list like "7.5+PTX") has the __trap() branch.
 bool gemv_4bit_tc_device_ok() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> ok[kMaxDevices];  // 0 unknown, 1 yes, 2 no
-  const int dev = current_device();
-  int known = dev < kMaxDevices ? ok[dev].load(std::memory_order_relaxed) : 0;
-  if (known == 0) {
+  static std::atomic<int> ok[64];  // 1 yes, 2 no
+  return per_device(ok, [](int dev) {
     int major = 0;
     cudaFuncAttributes attr{};
     const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
                      major >= 8 && cudaFuncGetAttributes(&attr, gemv_4bit_tc_kernel<__half, false, 1>) == cudaSuccess &&
                      attr.binaryVersion >= 80;
-    known = yes ? 1 : 2;
-    if (dev < kMaxDevices) ok[dev].store(known, std::memory_order_relaxed);
-  }
-  return known == 1;
+    return yes ? 1 : 2;
+  }) == 1;
 }
 
 void gemv_4bit_tc(const Gemv4bitArgs& a, DType dtype, cudaStream_t stream) {
