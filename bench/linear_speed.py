@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import copy_bandwidth, cpu_time, event_time, format_table  # noqa: E402
+from timing import copy_bandwidth, cpu_time, event_time, format_table, gemv  # noqa: E402
 
 import qlora_ext  # noqa: E402
 from qlora_ext import reference as ref  # noqa: E402
@@ -101,9 +101,8 @@ def cpu_decode_bench(rows: list, r: int = 16) -> None:
             with torch.no_grad():
                 fused, dense = variants["ours (fused)"][0], variants["dense + LoRA (no quant)"][0]
                 times = {"ours (decode path)": cpu_time(lambda: fused(x), reps=15)}
-                os.environ["QLORA_EXT_GEMV"] = "0"
-                times["ours (tile path)"] = cpu_time(lambda: fused(x), reps=15)
-                os.environ.pop("QLORA_EXT_GEMV")
+                with gemv("0"):
+                    times["ours (tile path)"] = cpu_time(lambda: fused(x), reps=15)
                 times["dense + LoRA (no quant)"] = cpu_time(lambda: dense(x), reps=15)
             for name, t in times.items():
                 rows.append(dict(device="cpu", threads=torch.get_num_threads(), work="decode", shape=f"{n}x{n}",
@@ -128,11 +127,9 @@ def gpu_bench(rows: list, ceilings: dict) -> None:
             for name, (fn, _) in variants.items():
                 with torch.no_grad():
                     res[name] = _cuda_ms(lambda fn=fn: fn(x), reps=50)
-            os.environ["QLORA_EXT_GEMV"] = "tc"  # the tensor-core decode kernel (opt-in until measured)
-            with torch.no_grad():
+            with torch.no_grad(), gemv("tc"):  # the tensor-core decode kernel (opt-in until measured)
                 fused = variants["ours (fused)"][0]
                 res["ours (tc decode)"] = _cuda_ms(lambda: fused(x), reps=50)
-            os.environ.pop("QLORA_EXT_GEMV")
             for name, ms in res.items():
                 rows.append(dict(device=torch.cuda.get_device_name(), work="decode", shape=f"{n}x{n}", rows=batch,
                                  r=16, dtype="bfloat16", variant=name, ms=ms,

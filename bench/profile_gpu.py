@@ -20,7 +20,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import copy_bandwidth, event_time, format_table  # noqa: E402
+from timing import copy_bandwidth, event_time, format_table, gemv  # noqa: E402
 
 import qlora_ext  # noqa: E402
 from qlora_ext.functional import dequantize_4bit, qlora_linear, quantize_4bit  # noqa: E402
@@ -89,12 +89,10 @@ def linear_cases(rows, tops):
         dense = lambda x: nn.functional.linear(x, wd) + (x @ A.t()) @ B.t() * 2.0  # noqa: E731
         for m in (1, 4, 16):
             x = torch.randn(m, n, device=dev, dtype=dt)
-            for gemv in ("1", "tc", "0"):  # CUDA-core and tensor-core decode kernels, dequantize + cuBLAS
-                os.environ["QLORA_EXT_GEMV"] = gemv
-                with torch.no_grad():
-                    record(rows, tops, f"decode {n} rows={m}", f"ours gemv={gemv}", lambda: fused(x), reps=50,
+            for mode in ("1", "tc", "0"):  # CUDA-core and tensor-core decode kernels, dequantize + cuBLAS
+                with torch.no_grad(), gemv(mode):
+                    record(rows, tops, f"decode {n} rows={m}", f"ours gemv={mode}", lambda: fused(x), reps=50,
                            packed_bytes=n * n // 2, copy_gbps=copy_gbps, graph=True)
-            os.environ.pop("QLORA_EXT_GEMV")
             with torch.no_grad():
                 record(rows, tops, f"decode {n} rows={m}", "unfused", lambda: unfused(x), reps=50, graph=True)
                 record(rows, tops, f"decode {n} rows={m}", "dense bf16", lambda: dense(x), reps=50, graph=True)
@@ -141,13 +139,13 @@ def targets(rows) -> list[str]:
     for n in (4096, 8192):
         for m in (1, 16):
             what = f"decode {n} rows={m}"
-            for gemv in ("1", "tc"):
-                ratio = _ratio(rows, what, "dense bf16", f"ours gemv={gemv}", "gpu_busy_ms")
-                say(f"issue 3 {what} gemv={gemv}: dense bf16 busy / ours busy", ratio,
+            for mode in ("1", "tc"):
+                ratio = _ratio(rows, what, "dense bf16", f"ours gemv={mode}", "gpu_busy_ms")
+                say(f"issue 3 {what} gemv={mode}: dense bf16 busy / ours busy", ratio,
                     ">= 3 at 1 row" if m == 1 else "report", lambda v, m=m: v >= 3 if m == 1 else True)
                 frac = next((r.get("packed_frac_bw") for r in rows
-                             if r["what"] == what and r["variant"] == f"ours gemv={gemv}"), None)
-                say(f"issue 3 {what} gemv={gemv}: packed bytes / busy time, of copy BW", frac, ">= 0.75",
+                             if r["what"] == what and r["variant"] == f"ours gemv={mode}"), None)
+                say(f"issue 3 {what} gemv={mode}: packed bytes / busy time, of copy BW", frac, ">= 0.75",
                     lambda v: v >= 0.75)
         what = f"fwd+bwd {n} rows=4096 r=16"
         for key in ("wall_ms", "gpu_busy_ms"):

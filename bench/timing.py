@@ -1,13 +1,30 @@
 """Helpers shared by the benchmarks: CUDA-graph replay timed with events (launch gaps out), event
 timing of eager loops, host timing for CPU kernels, the two ceilings (copy bandwidth, bf16 matmul
-rate), and the printed table."""
+rate), the decode-path switch, and the printed table."""
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+
+
+@contextlib.contextmanager
+def gemv(mode: str) -> Iterator[None]:
+    """QLORA_EXT_GEMV=mode inside the block ("0": no decode path, "1": the default, "tc": CUDA's
+    tensor-core decode kernel); the previous setting after it."""
+    old = os.environ.get("QLORA_EXT_GEMV")
+    os.environ["QLORA_EXT_GEMV"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("QLORA_EXT_GEMV")
+        else:
+            os.environ["QLORA_EXT_GEMV"] = old
 
 
 def cpu_time(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float:
