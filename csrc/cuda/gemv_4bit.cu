@@ -40,9 +40,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_kernel(const Gemv4bitAr
   __shared__ float s_code[16];
   __shared__ float s_code8[NESTED ? 256 : 1];
   if (threadIdx.x < 16) s_code[threadIdx.x] = code4_value(a.qt, threadIdx.x);
-  if constexpr (NESTED) {
-    for (int j = threadIdx.x; j < 256; j += blockDim.x) s_code8[j] = a.nested.code[j];
-  }
+  stage_nested_code<NESTED>(a, s_code8);
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;

@@ -106,9 +106,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_tc_kernel(const Gemv4bi
     }
   }
   if (threadIdx.x < 16) s_bits[threadIdx.x] = operand_bits<T>(code4_value(a.qt, threadIdx.x));
-  if constexpr (NESTED) {
-    for (int j = threadIdx.x; j < 256; j += blockDim.x) s_code8[j] = a.nested.code[j];
-  }
+  stage_nested_code<NESTED>(a, s_code8);
   __syncthreads();
   for (int i = threadIdx.x; i < kLutWords / 4; i += blockDim.x) {  // 16-byte stores: 4 copies at once
     const int byte = i >> 3;  // the element in the high nibble comes first: low half

@@ -7,6 +7,15 @@
 namespace qlora {
 namespace cuda {
 
+// Copies the nested 8-bit code into shared memory (s_code8, 256 floats) for gemv_absmax; the caller
+// synchronizes the CTA before the first use.
+template <bool NESTED>
+__device__ __forceinline__ void stage_nested_code(const Gemv4bitArgs& a, float* s_code8) {
+  if constexpr (NESTED) {
+    for (int j = threadIdx.x; j < 256; j += blockDim.x) s_code8[j] = a.nested.code[j];
+  }
+}
+
 // The float absmax of 4-bit block `block`: stored as float32, or double-quantized (8-bit code looked up
 // in the shared copy `s_code8` of the nested code, times the second-level absmax, plus the offset).
 template <bool NESTED>
