@@ -5,6 +5,7 @@ gradient op have autograd registered at the end of this file.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -91,22 +92,39 @@ def _linear_4bit_setup_context(ctx, inputs, output):
     ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset, lora_xa, lora_B)
 
 
+def below_autograd():
+    """Dispatch below the Autograd key (eager only: torch.compile traces the op, and its autograd, as a
+    whole, and Dynamo does not take this context)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+def linear_4bit_grads(grad: torch.Tensor, w: tuple, lora_xa, lora_B, need_x: bool, need_xa: bool, need_B: bool,
+                      need_bias: bool) -> tuple:
+    """(grad_x, grad_xa, grad_B, grad_bias) of linear_4bit for the contiguous output gradient ``grad``;
+    ``w`` is the op's weight arguments (packed ... nested_blocksize). grad_x re-dequantizes W (grad_W is
+    never formed), below the Autograd key unless a double backward differentiates through it. Shared by
+    the op's registered backward and qlora_linear's thin autograd Function."""
+    grad_x = None
+    if need_x:
+        with contextlib.nullcontext() if torch.is_grad_enabled() else below_autograd():
+            grad_x = torch.ops.qlora.linear_4bit_grad_input(grad, *w)
+    grad_xa = grad @ lora_B if need_xa else None
+    grad_B = grad.t() @ lora_xa if need_B else None
+    grad_bias = grad.sum(0) if need_bias else None
+    return grad_x, grad_xa, grad_B, grad_bias
+
+
 def _linear_4bit_backward(ctx, grad):
     packed, absmax, nested_absmax, nested_code, offset, lora_xa, lora_B = ctx.saved_tensors
     blocksize, quant_type, out_features, in_features, nested_blocksize = ctx.meta
-    grad = grad.contiguous()
-    grad_x = grad_xa = grad_B = grad_bias = None
-    if ctx.needs_input_grad[0]:  # g W, re-dequantizing W; grad_W is never formed
-        grad_x = torch.ops.qlora.linear_4bit_grad_input(grad, packed, absmax, blocksize, quant_type, out_features,
-                                                        in_features, nested_absmax, nested_code, offset,
-                                                        nested_blocksize)
-    if ctx.has_lora and ctx.needs_input_grad[11]:
-        grad_xa = grad @ lora_B
-    if ctx.has_lora and ctx.needs_input_grad[12]:
-        grad_B = grad.t() @ lora_xa
-    if ctx.has_bias and ctx.needs_input_grad[13]:
-        grad_bias = grad.sum(0)
-    return (grad_x,) + (None,) * 10 + (grad_xa, grad_B, grad_bias)
+    w = (packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax, nested_code, offset,
+         nested_blocksize)
+    need = ctx.needs_input_grad
+    grads = linear_4bit_grads(grad.contiguous(), w, lora_xa, lora_B, need[0], ctx.has_lora and need[11],
+                              ctx.has_lora and need[12], ctx.has_bias and need[13])
+    return (grads[0],) + (None,) * 10 + grads[1:]
 
 
 torch.library.register_autograd(

@@ -13,8 +13,6 @@ per 256 absmax values (``nested_absmax``) and the mean as ``offset`` (0 for an e
 """
 from __future__ import annotations
 
-import contextlib
-
 import dataclasses
 import json
 import math
@@ -22,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from . import _ops  # noqa: F401  (registers the fake kernels)
+from . import _ops  # (also registers the fake kernels)
 from .codes import BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, QUANT_TYPES, code_4bit, dynamic_map
 
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "qlora_linear"]
@@ -405,14 +403,6 @@ def qlora_linear(
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def _below_autograd():
-    """Dispatch below the Autograd key (eager only: torch.compile traces the op, and its autograd, as a
-    whole, and Dynamo does not take this context)."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return torch._C._AutoDispatchBelowAutograd()
-
-
 class _QLoRALinear(torch.autograd.Function):
     """The thin autograd wrapper qlora_linear uses: the same forward and backward as the op's own
     registered autograd (qlora_ext/_ops.py, which direct op users and opcheck exercise), without its
@@ -438,7 +428,7 @@ class _QLoRALinear(torch.autograd.Function):
             ctx.save_for_backward(xa, lora_B, x, lora_A)
         else:
             ctx.save_for_backward(xa, lora_B)  # the r-wide activations and B; never x, never W
-        with _below_autograd():  # (this Function is the autograd: skip the op's own)
+        with _ops.below_autograd():  # (this Function is the autograd: skip the op's own)
             return torch.ops.qlora.linear_4bit(x, *w, xa, lora_B, bias)
 
     @staticmethod
@@ -446,25 +436,20 @@ class _QLoRALinear(torch.autograd.Function):
         xa, lora_B, *fused = ctx.saved_tensors
         grad = grad.contiguous()
         need_x, need_xa, need_A, need_B, need_bias, _, _ = ctx.needs_input_grad
-        grad_x = grad_xa = grad_A = None
-        if need_x:  # re-dequantizes W; below autograd unless a double backward needs the op's own formula
-            with contextlib.nullcontext() if torch.is_grad_enabled() else _below_autograd():
-                grad_x = torch.ops.qlora.linear_4bit_grad_input(grad, *ctx.w)
-        if fused:
+        if fused and torch.is_grad_enabled():  # a double backward: xa again, now with its graph to x and A
             x, lora_A = fused
-            if torch.is_grad_enabled():  # a double backward: xa again, now with its graph to x and A
-                xa = ((x @ lora_A.t()) * ctx.scaling).to(xa.dtype)
-            if need_x or need_A:
-                # the gradient of x A^T, in x's dtype (a backward traced under autocast, as torch.compile
-                # does, would give the matmul's 16-bit result: the in-place addmm needs one dtype)
-                g_lora = ((grad @ lora_B) * ctx.scaling).to(x.dtype)
-                if need_A:
-                    grad_A = (g_lora.t() @ x).to(lora_A.dtype)
-                if need_x:  # in place when nothing differentiates through it (a double backward does)
-                    grad_x = (torch.addmm(grad_x, g_lora, lora_A).to(x.dtype) if torch.is_grad_enabled()
-                              else grad_x.addmm_(g_lora, lora_A))
-        elif need_xa:
-            grad_xa = grad @ lora_B
-        grad_B = grad.t() @ xa if need_B else None
-        grad_bias = grad.sum(0) if need_bias else None
+            xa = ((x @ lora_A.t()) * ctx.scaling).to(xa.dtype)
+        grad_x, grad_xa, grad_B, grad_bias = _ops.linear_4bit_grads(grad, ctx.w, xa, lora_B, need_x,
+                                                                    need_xa and not fused, need_B, need_bias)
+        grad_A = None
+        if fused and (need_x or need_A):
+            x, lora_A = fused
+            # the gradient of x A^T, in x's dtype (a backward traced under autocast, as torch.compile
+            # does, would give the matmul's 16-bit result: the in-place addmm needs one dtype)
+            g_lora = ((grad @ lora_B) * ctx.scaling).to(x.dtype)
+            if need_A:
+                grad_A = (g_lora.t() @ x).to(lora_A.dtype)
+            if need_x:  # in place when nothing differentiates through it (a double backward does)
+                grad_x = (torch.addmm(grad_x, g_lora, lora_A).to(x.dtype) if torch.is_grad_enabled()
+                          else grad_x.addmm_(g_lora, lora_A))
         return grad_x, grad_xa, grad_A, grad_B, grad_bias, None, None
