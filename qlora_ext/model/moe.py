@@ -15,8 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..nn.lora import LoRALayer
 from ..nn.moe import TaskGate, TaskRankScale, TokenRouter, expand_to_rank
+from .adapter import _lora_layers
 from .config import QLoRAConfig
 from .runtime import add_hook, strip
 
@@ -55,13 +55,9 @@ class MoELoRAConfig(QLoRAConfig):
         attach_experts(model, self)
 
 
-def _moe_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
-
-
 def attach_experts(model: nn.Module, config: MoELoRAConfig) -> None:
     """Gives every LoRA layer of a prepared model its gate (called by prepare_model)."""
-    layers = _moe_layers(model)
+    layers = _lora_layers(model)
     with torch.no_grad():
         for m in layers.values():
             nn.init.normal_(m.lora_A.weight, std=0.01)
@@ -118,7 +114,7 @@ def task_rank_scale(model: nn.Module, task_id: int) -> dict[str, torch.Tensor]:
     if not 0 <= task_id < n:
         raise ValueError(f"task_id must be in [0, {n}), got {task_id}")
     omega = gate.weights(torch.tensor([task_id], device=gate.gate.weight.device))[0]
-    return {name: expand_to_rank(omega, m.r) for name, m in _moe_layers(model).items()}
+    return {name: expand_to_rank(omega, m.r) for name, m in _lora_layers(model).items()}
 
 
 def export_task_adapter(model: nn.Module, task_id: int, directory: str | os.PathLike) -> Path:
@@ -137,7 +133,7 @@ def merge_task(model: nn.Module, task_id: int, dtype: torch.dtype | None = None)
     scales = task_rank_scale(model, task_id)
     dense = copy.deepcopy(model)
     strip(dense)  # hooks and patched forwards of the copy still point at the original's closures
-    for name, layer in _moe_layers(dense).items():
+    for name, layer in _lora_layers(dense).items():
         _set_submodule(dense, name, layer.to_linear(dtype, rank_scale=scales[name]))
     if hasattr(dense, _GATE):
         delattr(dense, _GATE)
@@ -154,7 +150,7 @@ def save_moe_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     from .adapter import _write_atomically
 
     config = model.qlora_config
-    layers = _moe_layers(model)
+    layers = _lora_layers(model)
     tensors = {}
     for name, m in layers.items():
         tensors[f"{name}.lora_A.weight"] = m.lora_A.weight
@@ -191,9 +187,9 @@ def load_moe_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modul
         tensors = load_file(str(d / MOE_WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{d / MOE_WEIGHTS_NAME} is not a readable safetensors file: {e}") from None
-    if not _moe_layers(model):
+    if not _lora_layers(model):
         prepare_model(model, MoELoRAConfig(**meta["config"]), verbose=False)
-    if sorted(_moe_layers(model)) != sorted(meta["layers"]):
+    if sorted(_lora_layers(model)) != sorted(meta["layers"]):
         raise ValueError(f"the adapter's layers {meta['layers'][:3]}... do not match the model's MoE-LoRA layers")
     state = model.state_dict()
     for key, value in tensors.items():

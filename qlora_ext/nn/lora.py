@@ -91,10 +91,10 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Adds the adapter into the base weight (forward then skips the LoRA branch)."""
         if self.rank_scaler is not None:
             raise ValueError("this layer's adapter is gated per input (MoE-LoRA): merge one task with "
                              "qlora_ext.merge_task(model, task_id) instead")
-        """Adds the adapter into the base weight (forward then skips the LoRA branch)."""
         if self.merged:
             raise RuntimeError("the adapter is already merged")
         self._set_base_weight(self.dense_weight() + self.delta_weight())

@@ -29,14 +29,7 @@ class _AdamWBase(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = 4096,
                  page_out_below: float = 0.0) -> None:
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        _check_hyper(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         if not 0.0 <= page_out_below < 1.0:
             raise ValueError(f"page_out_below must be a fraction in [0, 1), got {page_out_below}")
         # the optimizer's own settings live in `defaults`: they survive pickling and deepcopy
@@ -240,13 +233,15 @@ def _maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_hyper(group: dict) -> None:
+    """The constructor's arguments, and each param group's before a step (schedulers may change them)."""
     lr, betas = group["lr"], group["betas"]
     if not (isinstance(lr, (int, float)) and lr >= 0):
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if group["eps"] < 0 or group["weight_decay"] < 0:
-        raise ValueError(f"eps and weight_decay must be >= 0, got {group['eps']} and {group['weight_decay']}")
+    for name in ("eps", "weight_decay"):
+        if group[name] < 0:
+            raise ValueError(f"{name} must be >= 0, got {group[name]}")
 
 
 def _stash_states(optimizer: _AdamWBase, state_dict: dict) -> dict:
