@@ -28,9 +28,14 @@ class MeanPoolClassifier(nn.Module):
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.classifier((h * m).sum(1) / m.sum(1).clamp_min(1.0))
+        return self.classifier(mean_pool(self.encoder, input_ids, attention_mask))
+
+
+def mean_pool(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden states averaged over the attended tokens."""
+    h = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    m = attention_mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def minilm_dir() -> Path:
@@ -59,13 +64,15 @@ def _batches(data: list[tuple[str, int]], tokenizer, batch_size: int, seed: int,
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: list[tuple[str, int]], tokenizer, device, max_length: int = 64) -> float:
+def accuracy(model: nn.Module, data: list[tuple[str, int]], tokenizer, device, max_length: int = 64,
+             forward_kwargs=lambda n: {}) -> float:
+    """Held-out accuracy; ``forward_kwargs(n)`` adds keyword arguments to the forward of an n-row batch."""
     model.eval()
     correct = 0
     for i in range(0, len(data), 128):
         chunk = data[i:i + 128]
         b = _encode(tokenizer, [t for t, _ in chunk], device, max_length)
-        pred = model(b["input_ids"], b["attention_mask"]).argmax(-1)
+        pred = model(b["input_ids"], b["attention_mask"], **forward_kwargs(len(chunk))).argmax(-1)
         correct += int((pred.cpu() == torch.tensor([y for _, y in chunk])).sum())
     return correct / len(data)
 

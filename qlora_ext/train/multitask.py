@@ -13,7 +13,7 @@ from torch import nn
 
 from ..model import MoELoRAConfig, QLoRAConfig, prepare_model
 from ..optim import PagedAdamW
-from .classify import _batches, _encode, minilm_dir
+from .classify import _batches, accuracy, mean_pool, minilm_dir
 from .data import sms_spam, trec_questions
 from .loop import train
 
@@ -27,9 +27,7 @@ class MultiTaskClassifier(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(encoder.config.hidden_size, n) for n in num_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: int) -> torch.Tensor:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.heads[head]((h * m).sum(1) / m.sum(1).clamp_min(1.0))
+        return self.heads[head](mean_pool(self.encoder, input_ids, attention_mask))
 
 
 def _interleave(streams):
@@ -40,17 +38,9 @@ def _interleave(streams):
             yield batch
 
 
-@torch.no_grad()
 def _accuracy(model, data, tokenizer, device, task, moe, max_length=64) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, len(data), 128):
-        chunk = data[i:i + 128]
-        b = _encode(tokenizer, [t for t, _ in chunk], device, max_length)
-        kw = {"task_ids": torch.full((len(chunk),), task, device=device)} if moe else {}
-        pred = model(b["input_ids"], b["attention_mask"], head=task, **kw).argmax(-1)
-        correct += int((pred.cpu() == torch.tensor([y for _, y in chunk])).sum())
-    return correct / len(data)
+    return accuracy(model, data, tokenizer, device, max_length, lambda n: {
+        "head": task, **({"task_ids": torch.full((n,), task, device=device)} if moe else {})})
 
 
 def run(moe: bool, tasks, *, steps: int, r: int = 8, num_experts: int = 4, batch_size: int = 32, lr: float = 1e-3,
