@@ -10,6 +10,8 @@ PNG plot of memory vs sequence length when matplotlib is installed.
     python bench/memory_65b.py --shape 65b [--cap-gb 48] [--seqs 512,2048] [--probe 32768] [--search] [--json F] [--plot F]
     python bench/memory_65b.py --shape tiny --device cpu      # the CPU smoke test (python_tests)
 
+Both stacks run with the CUDA allocator's expandable segments (as `qlora-ext finetune` does; without
+them LLaMA-65B at 32K tokens fragmented past the cap), --default-allocator keeps PyTorch's default.
 Our options: chunked loss, chunked MLP, activation offload and the optimizer stepping in the backward
 pass (each gradient freed as soon as its tensor is updated) on; --plain turns them off. Beside each of
 our measured rows: `qlora-ext estimate`'s plan for the same run (outside the paged optimizer states) and
@@ -34,6 +36,7 @@ import qlora_ext  # noqa: E402
 from qlora_ext import QLoRAConfig  # noqa: E402
 from qlora_ext.model.loading import build_random_quantized, fill_meta_parameters, fix_meta_buffers  # noqa: E402
 from qlora_ext.optim import PagedAdamW  # noqa: E402
+from qlora_ext.memory import use_expandable_segments  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, r, positions
     "65b": (8192, 22016, 80, 64, 64, 32000, 64, 131072),
@@ -148,17 +151,24 @@ def _release() -> None:
             torch._C._host_emptyCache()  # pinned host blocks cached by earlier probes
 
 
-def fits(model, opt, seq, device, steps: int = 2) -> dict | None:
+def fits(model, opt, seq, device, steps: int = 2, why: dict | None = None) -> dict | None:
     """One measured step (after a warm-up step) or None when it does not fit: out of GPU memory, or of
-    pinned host memory for the offloaded layer inputs (the host allocator rounds each to a power of 2)."""
+    pinned host memory for the offloaded layer inputs (the host allocator rounds each to a power of 2).
+    `why`, when given, receives the error's first line and the peak memory reached before it."""
     try:
         return train_step(model, opt, seq, device, steps=steps)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "memory" not in str(e).lower():
             raise
-        opt.zero_grad(set_to_none=True)
-        _release()
-        return None
+        if why is not None:
+            why["error"] = str(e).strip().splitlines()[0][:300]
+            if device == "cuda":
+                why["peak_before_error_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+                why["reserved_peak_GiB"] = torch.cuda.max_memory_reserved() / 2**30
+    # (out of the except block: the exception's traceback holds the failed step's tensors until then)
+    opt.zero_grad(set_to_none=True)
+    _release()
+    return None
 
 
 def longest(model, opt, device, lo: int, hi: int) -> int:
@@ -211,9 +221,13 @@ def main() -> None:
                          "what peak); the direct check of a target length, far cheaper than --search at 100K+ tokens")
     ap.add_argument("--plain", action="store_true", help="ours without chunked loss/MLP and offload")
     ap.add_argument("--no-bnb", action="store_true")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="keep PyTorch's default CUDA allocator settings (default: expandable segments, for both stacks)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
+    if args.device == "cuda" and not args.default_allocator:
+        print(f"expandable segments: {'on' if use_expandable_segments() else 'off (allocator configured by the user)'}")
     seqs = [int(s) for s in args.seqs.split(",") if s]
     probes = [int(s) for s in args.probe.split(",") if s]
     if args.device == "cuda":
@@ -255,9 +269,10 @@ def main() -> None:
             _add(rows, dict(stack=name, shape=args.shape, loaded_GiB=loaded, **(r or dict(seq=seq, step_s=None)),
                              **(planned(args.shape, ours, seq, in_backward, args.device) if ours is not None else {})))
         for seq in probes if name == "ours" else []:
-            r = fits(model, opt, seq, args.device, steps=1) if args.device == "cuda" else train_step(
+            why = {}
+            r = fits(model, opt, seq, args.device, steps=1, why=why) if args.device == "cuda" else train_step(
                 model, opt, seq, args.device, 1)
-            _add(rows, dict(stack=name, shape=args.shape, probe=seq, trains=r is not None,
+            _add(rows, dict(stack=name, shape=args.shape, probe=seq, trains=r is not None, **why,
                              **({"peak_GiB": r["peak_GiB"], "step_s": r["step_s"]} if r else {}),
                              **(planned(args.shape, ours, seq, in_backward, args.device) if ours is not None else {})))
             _release()

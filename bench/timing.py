@@ -14,7 +14,7 @@ import torch
 
 @contextlib.contextmanager
 def gemv(mode: str) -> Iterator[None]:
-    """QLORA_EXT_GEMV=mode inside the block ("0": no decode path, "1": the default, "tc": CUDA's
+    """QLORA_EXT_GEMV=mode inside the block ("0": no decode path, "1": the CUDA-core kernel, "tc": CUDA's
     tensor-core decode kernel); the previous setting after it."""
     old = os.environ.get("QLORA_EXT_GEMV")
     os.environ["QLORA_EXT_GEMV"] = mode

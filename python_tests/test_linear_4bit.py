@@ -238,14 +238,14 @@ def _ran_decode_kernel(fn) -> bool:
     (1, 4096, 130, 64, True, "nf4"), (2, 1056, 77, 32, False, "fp4"), (3, 96, 300, 4096, True, "fp4"),
     (4, 2080, 17, 128, False, "nf4"), (1, 64, 1, 64, True, "nf4")])
 def test_cuda_decode_kernel_matches_reference(cuda_device, monkeypatch, dtype, rows, in_f, out_f, bs, dq, qt):
-    """The fused decode kernel (<= 4 rows, in_features % 32 == 0): runs, and equals the float64
-    reference over the same dequantized weight within the plain-PyTorch error budget (K not a multiple
-    of its 1024-element step, out_features not a multiple of its 16 rows, 3 of 4 rows, 1 output)."""
-    monkeypatch.delenv("QLORA_EXT_GEMV", raising=False)
+    """QLORA_EXT_GEMV=1: the CUDA-core decode kernel (<= 4 rows, in_features % 32 == 0) runs, and equals
+    the float64 reference over the same dequantized weight within the plain-PyTorch error budget (K not a
+    multiple of its 1024-element step, out_features not a multiple of its 16 rows, 3 of 4 rows, 1 output)."""
+    monkeypatch.setenv("QLORA_EXT_GEMV", "1")
     w, x, A, B, b = _operands((rows,), in_f, out_f, 8, dtype, cuda_device)
     packed, state = quantize_4bit(w, blocksize=bs, quant_type=qt, double_quant=dq)
     with torch.no_grad():
-        assert _ran_decode_kernel(lambda: qlora_linear(x, packed, state, A, B, 0.5, b))
+        assert _decode_kernels(lambda: qlora_linear(x, packed, state, A, B, 0.5, b)) == {"gemv_4bit_kernel"}
         y = qlora_linear(x, packed, state, A, B, 0.5, b)
         w_deq = dequantize_4bit(packed, state, out_dtype=torch.float32)
         y64 = ref.qlora_linear(x.double(), w_deq.double(), A.double(), B.double(), 0.5, b.double())
@@ -287,9 +287,33 @@ def test_cuda_tensor_core_decode_kernel_matches_reference(cuda_device, monkeypat
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("setting", [None, "auto"])
+def test_cuda_default_decode_choice(cuda_device, monkeypatch, setting):
+    """QLORA_EXT_GEMV unset or auto: one row takes the CUDA-core kernel, 2-16 rows of fp16/bf16 the
+    tensor-core kernel where its layout applies, float32 and in_features % 64 != 0 the CUDA-core kernel
+    (up to 4 rows), and more rows dequantize + cuBLAS."""
+    if setting is None:
+        monkeypatch.delenv("QLORA_EXT_GEMV", raising=False)
+    else:
+        monkeypatch.setenv("QLORA_EXT_GEMV", setting)
+    with torch.no_grad():
+        for dtype, in_f, rows, expect in ((torch.bfloat16, 256, 1, {"gemv_4bit_kernel"}),
+                                          (torch.float16, 256, 2, {"gemv_4bit_tc_kernel"}),
+                                          (torch.bfloat16, 256, 16, {"gemv_4bit_tc_kernel"}),
+                                          (torch.float32, 256, 4, {"gemv_4bit_kernel"}),
+                                          (torch.bfloat16, 96, 4, {"gemv_4bit_kernel"}),
+                                          (torch.float32, 256, 5, set()),
+                                          (torch.bfloat16, 256, 17, set())):
+            w, x, A, B, b = _operands((rows,), in_f, 40, 4, dtype, cuda_device)
+            packed, state = quantize_4bit(w, blocksize=64)
+            got = _decode_kernels(lambda: qlora_linear(x, packed, state, A, B, 0.5, b))
+            assert got == expect, (dtype, in_f, rows, got)
+
+
+@pytest.mark.cuda
 def test_cuda_tensor_core_mode_leaves_other_calls_to_the_other_paths(cuda_device, monkeypatch):
     """QLORA_EXT_GEMV=tc serves only what the tensor-core kernel supports: float32 and blocksize 32 go to
-    the CUDA-core kernel, 17 rows to dequantize + cuBLAS; a value other than 0, 1 or tc is refused."""
+    the CUDA-core kernel, 17 rows to dequantize + cuBLAS; a value other than auto, 0, 1 or tc is refused."""
     monkeypatch.setenv("QLORA_EXT_GEMV", "tc")
     with torch.no_grad():
         for dtype, bs, rows, expect in ((torch.float32, 64, 2, {"gemv_4bit_kernel"}),
@@ -299,7 +323,7 @@ def test_cuda_tensor_core_mode_leaves_other_calls_to_the_other_paths(cuda_device
             packed, state = quantize_4bit(w, blocksize=bs)
             assert _decode_kernels(lambda: qlora_linear(x, packed, state, A, B, 0.5, b)) == expect, (dtype, bs, rows)
         monkeypatch.setenv("QLORA_EXT_GEMV", "fast")
-        with pytest.raises(ValueError, match="QLORA_EXT_GEMV must be 0, 1 or tc"):
+        with pytest.raises(ValueError, match="QLORA_EXT_GEMV must be auto, 0, 1 or tc"):
             qlora_linear(x, packed, state, A, B, 0.5, b)
 
 
@@ -333,13 +357,13 @@ def test_cpu_decode_path_matches_reference(monkeypatch, dtype, rows, in_f, out_f
 
 
 def test_gemv_setting_is_checked_on_the_cpu(monkeypatch):
-    """QLORA_EXT_GEMV takes 0, 1 or tc on every device: another value is refused, naming the variable."""
+    """QLORA_EXT_GEMV takes auto, 0, 1 or tc on every device: another value is refused, naming the variable."""
     w, x, A, B, b = _operands((300,), 64, 8, 2, torch.float32)
     packed, state = quantize_4bit(w)
     monkeypatch.setenv("QLORA_EXT_GEMV", "tc")  # (accepted: the CUDA kernel's mode; the CPU paths as default)
     qlora_linear(x, packed, state, A, B, 1.0, b)
     monkeypatch.setenv("QLORA_EXT_GEMV", "fast")
-    with pytest.raises(ValueError, match="QLORA_EXT_GEMV must be 0, 1 or tc, got 'fast'"):
+    with pytest.raises(ValueError, match="QLORA_EXT_GEMV must be auto, 0, 1 or tc, got 'fast'"):
         qlora_linear(x, packed, state, A, B, 1.0, b)
 
 

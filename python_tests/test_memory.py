@@ -169,3 +169,27 @@ def test_offload_survives_a_forward_without_backward_and_accumulation():
     for n, p in ref.named_parameters():
         if p.grad is not None:
             assert torch.equal(grads[n], p.grad), n
+
+
+def test_expandable_segments_unless_the_user_configured_the_allocator(monkeypatch):
+    """use_expandable_segments sets PYTORCH_CUDA_ALLOC_CONF when nothing is configured and CUDA is not
+    initialized; a user's setting (either variable) is kept and reported as it is."""
+    from qlora_ext.memory import allocator, use_expandable_segments
+
+    for v in allocator._VARIABLES:  # (set first, so that monkeypatch restores the original state)
+        monkeypatch.setenv(v, "")
+        monkeypatch.delenv(v)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert use_expandable_segments() is True
+    assert allocator.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert use_expandable_segments() is False
+    assert allocator.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments: True")
+    assert use_expandable_segments() is True
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in allocator.os.environ
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late to take effect
+    assert use_expandable_segments() is False
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in allocator.os.environ

@@ -31,8 +31,11 @@ def test_paged_adamw_tracks_torch_adamw(weight_decay, device="cpu"):
             p.grad, q.grad = g.clone(), g.clone()
         o1.step()
         o2.step()
-    for p, q in zip(ours, ref):
-        assert _rel(p, q) <= 1e-6
+    # all tensors as one vector: a lone element that ends near zero has a relative error far above its
+    # absolute one (the GPU contracts the update into FMAs, so it rounds differently from torch's kernel)
+    flat = lambda ps: torch.cat([p.detach().reshape(-1) for p in ps])  # noqa: E731
+    assert _rel(flat(ours), flat(ref)) <= 1e-6
+    assert (flat(ours).double() - flat(ref).double()).abs().max().item() <= 1e-6
 
 
 def _regression(opt_cls, steps=300, seed=0):
@@ -307,9 +310,11 @@ def test_cuda_paged_states_live_in_managed_memory(cuda_device):
 
 @pytest.mark.cuda
 def test_cuda_page_out_makes_room_for_a_spike(cuda_device):
-    """States take a share of free memory; after page_out a spike that needs most of the free memory
-    (more than is left with the states resident) succeeds; the next step still matches a reference.
-    Sized from cudaMemGetInfo, never asking for more managed memory than is free."""
+    """After page_out, an ordinary allocation larger than the free memory with the states resident
+    succeeds (the driver takes back the paged-out pages on demand); the next step still matches a
+    reference. On an H200 (driver 580) cudaMemGetInfo did not count the paged-out pages as free, so the
+    spike is sized from the free memory with the states resident plus most of their bytes, never asking
+    for more managed memory than is free."""
     free, _ = torch.cuda.mem_get_info()
     state_bytes = min(free // 4, 1 << 30)
     n = state_bytes // 8  # two float32 states per parameter
@@ -320,13 +325,21 @@ def test_cuda_page_out_makes_room_for_a_spike(cuda_device):
     p.grad, q.grad = g.to(cuda_device), g.clone()
     opt.step()
     ref.step()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    resident, _ = torch.cuda.mem_get_info()
     opt.page_out()
     torch.cuda.synchronize()
-    free_now, _ = torch.cuda.mem_get_info()
-    spike = torch.empty(free_now - (256 << 20), dtype=torch.uint8, device=cuda_device)  # would not fit before
-    assert spike.numel() > free - state_bytes - n * 8  # larger than what was left with the states resident
-    del spike
+    size = resident + state_bytes * 3 // 4  # does not fit beside the resident states
+    try:
+        spike = torch.empty(size, dtype=torch.uint8, device=cuda_device)
+        spike.fill_(1)
+        fitted = True
+        del spike
+    except torch.cuda.OutOfMemoryError:
+        fitted = False
     torch.cuda.empty_cache()
+    assert fitted, f"a {size}-byte spike failed after page_out ({resident} bytes free with the states resident)"
     opt.step()
     ref.step()
     assert _rel(p.detach().cpu(), q.detach()) <= 1e-6

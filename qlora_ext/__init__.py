@@ -38,8 +38,10 @@ def kernels_in_use(device: str | None = None) -> str:
         import os
 
         gemv = {"0": "off (QLORA_EXT_GEMV=0)",
+                "1": "on, CUDA cores up to 4 rows (QLORA_EXT_GEMV=1)",
                 "tc": "on, tensor cores for fp16/bf16 up to 16 rows (QLORA_EXT_GEMV=tc)"}.get(
-                    os.environ.get("QLORA_EXT_GEMV", "1"), "on, CUDA cores up to 4 rows")
+                    os.environ.get("QLORA_EXT_GEMV", "auto"),
+                    "on, CUDA cores for 1 row and float32 up to 4 rows, tensor cores for 2-16 rows of fp16/bf16")
         return (f"qlora_ext: CUDA kernels on {torch.cuda.get_device_name(torch.device(device))}; "
                 f"fused decode kernel {gemv}")
     cuda_note = "CUDA kernels compiled in, no GPU visible" if built_with_cuda() else "CPU-only build"

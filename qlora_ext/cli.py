@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
             main_from_args(args)
         elif args.command == "finetune":
+            from .memory import use_expandable_segments
+
+            use_expandable_segments()  # before any CUDA allocation: less fragmentation near the memory cap
             if args.model is None and args.data is None:
                 if args.method == "moelora":
                     from .train.multitask import moe_job

@@ -17,15 +17,19 @@
 
 namespace qlora {
 
-// QLORA_EXT_GEMV, read by both devices' linear glue: unset or "1" the default decode paths, "0" none
-// (dequantize + GEMM for every row count, for A/B timing), "tc" CUDA's tensor-core decode kernel.
-enum class GemvMode { Off, Default, TensorCores };
+// QLORA_EXT_GEMV, read by both devices' linear glue: unset or "auto" the measured choice per call
+// (CUDA: tensor cores for 2-16 rows of fp16/bf16, CUDA cores for one row and float32), "1" the CUDA-core
+// decode kernel wherever it applies, "tc" the tensor-core kernel wherever it applies (one row included),
+// "0" none (dequantize + GEMM for every row count, for A/B timing). The CPU has one decode path: any
+// value but "0" takes it.
+enum class GemvMode { Off, Auto, CudaCores, TensorCores };
 
 inline GemvMode gemv_mode() {
   const char* v = std::getenv("QLORA_EXT_GEMV");
-  if (v == nullptr || std::strcmp(v, "1") == 0) return GemvMode::Default;
+  if (v == nullptr || std::strcmp(v, "auto") == 0) return GemvMode::Auto;
+  if (std::strcmp(v, "1") == 0) return GemvMode::CudaCores;
   if (std::strcmp(v, "0") == 0) return GemvMode::Off;
-  TORCH_CHECK_VALUE(std::strcmp(v, "tc") == 0, "QLORA_EXT_GEMV must be 0, 1 or tc, got '", v, "'");
+  TORCH_CHECK_VALUE(std::strcmp(v, "tc") == 0, "QLORA_EXT_GEMV must be auto, 0, 1 or tc, got '", v, "'");
   return GemvMode::TensorCores;
 }
 

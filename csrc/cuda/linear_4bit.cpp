@@ -1,12 +1,13 @@
 // CUDA glue of the 4-bit linear and its input gradient.
 // - Training path (any row count): dequantize W with the bandwidth-bound kernel of dequantize.cu into a
 //   transient tensor (freed on return, so one layer's W at most is alive), then cuBLAS through ATen.
-// - Decode path (<= kGemvMaxRows rows, in_features % 32 == 0, blocksize >= 32, 16-byte aligned x and
-//   packed): gemv_4bit.cu, one launch reading the packed weight once. On by default;
-//   QLORA_EXT_GEMV=0 turns it off (for A/B timing); qlora_ext.kernels_in_use() reports the setting.
-// - QLORA_EXT_GEMV=tc: the tensor-core decode kernel (gemv_4bit_tc.cu) for fp16/bf16 and up to
-//   kGemvTcMaxRows rows where its layout applies (in_features % 64 == 0, blocksize >= 64, compute
-//   capability >= 8.0); other calls take the paths above. Opt-in until measured on a GPU.
+// - Decode paths, one launch reading the packed weight once (16-byte aligned x and packed):
+//   gemv_4bit_tc.cu on tensor cores (fp16/bf16, <= kGemvTcMaxRows rows, in_features % 64 == 0,
+//   blocksize >= 64, compute capability >= 8.0) and gemv_4bit.cu on CUDA cores (<= kGemvMaxRows rows,
+//   in_features % 32 == 0, blocksize >= 32). By default (QLORA_EXT_GEMV unset or auto) one row takes
+//   the CUDA-core kernel and 2-16 rows the tensor-core one: on an H200 (bench/RESULTS.md, session 12)
+//   they tie at one row and the tensor-core kernel is 2.1x faster at 4 and 16 rows of 8192^2.
+//   QLORA_EXT_GEMV=1 / tc / 0 force one kernel / the other / neither; kernels_in_use() reports it.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -97,9 +98,9 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   const c10::cuda::CUDAGuard guard(x.device());
   const GemvMode mode = gemv_mode();
   const bool aligned = aligned16(packed.const_data_ptr()) && x.is_contiguous() && aligned16(x.const_data_ptr());
-  if (mode == GemvMode::TensorCores && aligned && x.scalar_type() != at::kFloat &&
-      x.size(0) <= cuda::kGemvTcMaxRows && in_features % 64 == 0 && blocksize >= 64 &&
-      cuda::gemv_4bit_tc_device_ok()) {
+  const bool tc_mode = mode == GemvMode::TensorCores || (mode == GemvMode::Auto && x.size(0) > 1);
+  if (tc_mode && aligned && x.scalar_type() != at::kFloat && x.size(0) <= cuda::kGemvTcMaxRows &&
+      in_features % 64 == 0 && blocksize >= 64 && cuda::gemv_4bit_tc_device_ok()) {
     return gemv_4bit(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
                      nested_code, offset, nested_blocksize, lora_xa, lora_B, bias, /*tensor_cores=*/true);
   }
