@@ -89,7 +89,7 @@ def linear_cases(rows, tops):
         dense = lambda x: nn.functional.linear(x, wd) + (x @ A.t()) @ B.t() * 2.0  # noqa: E731
         for m in (1, 4, 16):
             x = torch.randn(m, n, device=dev, dtype=dt)
-            for mode in ("1", "tc", "0"):  # CUDA-core and tensor-core decode kernels, dequantize + cuBLAS
+            for mode in ("auto", "1", "tc", "0"):  # the default choice, each decode kernel, dequantize + cuBLAS
                 with torch.no_grad(), gemv(mode):
                     record(rows, tops, f"decode {n} rows={m}", f"ours gemv={mode}", lambda: fused(x), reps=50,
                            packed_bytes=n * n // 2, copy_gbps=copy_gbps, graph=True)
@@ -139,7 +139,7 @@ def targets(rows) -> list[str]:
     for n in (4096, 8192):
         for m in (1, 16):
             what = f"decode {n} rows={m}"
-            for mode in ("1", "tc"):
+            for mode in ("auto", "1", "tc"):
                 ratio = _ratio(rows, what, "dense bf16", f"ours gemv={mode}", "gpu_busy_ms")
                 say(f"issue 3 {what} gemv={mode}: dense bf16 busy / ours busy", ratio,
                     ">= 3 at 1 row" if m == 1 else "report", lambda v, m=m: v >= 3 if m == 1 else True)
