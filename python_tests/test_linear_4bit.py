@@ -480,6 +480,47 @@ def test_rank_scale_gradcheck_float64():
         lambda x, A, B, s: qlora_linear(x, packed, state, A, B, 1.3, b, rank_scale=s), leaves)
 
 
+@pytest.mark.parametrize("train_A,dropout_p", [(True, 0.0), (False, 0.0), (True, 0.25)],
+                         ids=["fused", "frozen-A", "dropout"])
+def test_rank_scale_expanded_per_sample(train_A, dropout_p):
+    """MoE-LoRA's gate: one (r,) scale per sample, expanded over the sequence (not materialized): output
+    and gradients in x, A, B and the per-sample scales equal the float64 reference, through the fused
+    form (A trained, no dropout) and the form that takes xa from outside (frozen A, dropout)."""
+    batch, seq, in_f, out_f, r = 3, 7, 64, 40, 4
+    w, x, A, B, b = _operands((batch, seq), in_f, out_f, r, torch.float32)
+    packed, state = quantize_4bit(w, blocksize=32)
+    s0 = torch.rand(batch, r) + 0.1
+    leaves = [t.clone().requires_grad_(train_A or i != 1) for i, t in enumerate((x, A, B, s0))]
+    torch.manual_seed(3)
+    y = qlora_linear(leaves[0], packed, state, leaves[1], leaves[2], 0.5, b, dropout_p=dropout_p,
+                     rank_scale=leaves[3][:, None, :].expand(batch, seq, r))
+    g = torch.randn_like(y)
+    y.backward(g)
+    w64 = dequantize_4bit(packed, state, out_dtype=torch.float32).double()
+    ref_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    torch.manual_seed(3)
+    mask_x = torch.nn.functional.dropout(torch.ones(batch * seq, in_f), dropout_p).reshape(batch, seq, in_f)
+    xd = ref_leaves[0] * mask_x.double()  # the same mask: dropout draws from the same seed and shape
+    s = ref_leaves[3][:, None, :].expand(batch, seq, r)
+    y64 = (ref_leaves[0] @ w64.t() + b.double()
+           + 0.5 * ((xd @ ref_leaves[1].t()) * s) @ ref_leaves[2].t())
+    y64.backward(g.double())
+    assert _rel(y, y64) < 1e-5
+    for got, want in zip(leaves, ref_leaves):
+        if got.requires_grad:
+            assert _rel(got.grad, want.grad) < 1e-4
+
+
+def test_rank_scale_double_backward():
+    """Second derivatives in x, A, B and a per-row rank_scale through the fused form of the Function."""
+    w, x, A, B, b = _operands((3,), 32, 16, 2, torch.float64)
+    packed, state = quantize_4bit(w, blocksize=32)
+    s = torch.rand(3, 2, dtype=torch.float64) + 0.1
+    leaves = [t.requires_grad_() for t in (x, A, B, s)]
+    assert torch.autograd.gradgradcheck(
+        lambda x, A, B, s: qlora_linear(x, packed, state, A, B, 1.3, b, rank_scale=s), leaves)
+
+
 def test_rank_scale_compiles():
     w, x, A, B, b = _operands((5,), 64, 32, 4, torch.float32)
     packed, state = quantize_4bit(w)

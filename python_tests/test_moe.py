@@ -83,6 +83,42 @@ def test_gradients_reach_experts_and_gate_under_checkpointing(make):
             torch.testing.assert_close(p.grad, dict(model.named_parameters())[n].grad, rtol=1e-5, atol=1e-7)
 
 
+def test_gate_runs_once_per_forward_with_the_same_gradients(make, monkeypatch):
+    """The prepared model computes the task gate once per forward (not once per layer, nor again in the
+    checkpoint recomputation); loss and every gradient equal the per-layer computation's; a second
+    forward after an optimizer step sees the updated gate."""
+    model = _moe(make)
+    model.train()
+    gate = model.qlora_task_gate
+    calls = []
+    gate.gate.register_forward_hook(lambda *_: calls.append(1))
+    ids, tasks = torch.randint(0, 128, (2, 12)), torch.tensor([0, 2])
+    loss = model(input_ids=ids, labels=ids, task_ids=tasks).loss
+    loss.backward()
+    assert len(calls) == 1
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(type(gate), "begin_forward", lambda self: setattr(self, "_caching", False))  # per layer
+    loss_ref = model(input_ids=ids, labels=ids, task_ids=tasks).loss
+    loss_ref.backward()
+    assert len(calls) > 2
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7)
+    monkeypatch.undo()
+    with torch.no_grad():
+        first = model(input_ids=ids, task_ids=tasks).logits
+        gate.gate.weight.add_(1.0)  # (in place, as an optimizer step)
+        assert not torch.equal(model(input_ids=ids, task_ids=tasks).logits, first)
+
+
+def test_task_ids_checked_on_their_device(make):
+    gate = _moe(make).qlora_task_gate
+    with pytest.raises(ValueError, match=r"task_ids must be in \[0, 3\), got values from 0 to 3"):
+        gate.set_task_ids(torch.tensor([0, 3]))
+
+
 def test_save_and_load_our_format(make, tmp_path):
     model = _moe(make)
     save_adapter(model, tmp_path)

@@ -385,22 +385,36 @@ def qlora_linear(
     xa = fused_A = None
     if lora_A is not None:
         lora_B = lora_B.contiguous()
-        # xa here, the Function taking it as an input: with dropout or rank_scale, and for a frozen A
-        # (the fused form would save x for a grad_A nobody wants)
-        if dropout_p > 0 or rank_scale is not None or (torch.is_grad_enabled() and not lora_A.requires_grad):
+        # xa here, the Function taking it as an input: with dropout, and for a frozen A (the fused form
+        # would save x for a grad_A nobody wants)
+        if dropout_p > 0 or (torch.is_grad_enabled() and not lora_A.requires_grad):
             xd = torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2
-            # .to(x.dtype): under autocast the matmul returns the autocast dtype; the op computes in x's
-            xa = xd @ lora_A.t()
-            if rank_scale is not None:
-                xa = xa * (rank_scale if rank_scale.dim() == 1 else rank_scale.reshape(-1, rank_scale.shape[-1]))
-            xa = (xa * scaling).to(x.dtype)
+            xa = _form_xa(xd, lora_A, rank_scale, scaling)[1]
+            rank_scale = None  # (applied)
         else:
             fused_A = lora_A  # the Function forms xa and folds the LoRA input gradient into the base one
     if bias is not None:
         bias = bias.contiguous()
-    y = _QLoRALinear.apply(x2, xa, fused_A, lora_B, bias, scaling,
+    y = _QLoRALinear.apply(x2, xa, fused_A, lora_B, bias, rank_scale, scaling,
                            (data, absmax, blocksize, quant_type, out_features, in_features, *nested))
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def _scale_ranks(t: torch.Tensor, rank_scale: torch.Tensor) -> torch.Tensor:
+    """``(rows, r) * rank_scale`` -> ``(rows, r)``, rank_scale ``(r,)`` or ``(*lead, r)`` with rows = prod(lead);
+    an expanded rank_scale (one gate per sample, as MoE-LoRA's) broadcasts without being materialized."""
+    if rank_scale.dim() == 1:
+        return t * rank_scale
+    return (t.view(*rank_scale.shape[:-1], t.shape[-1]) * rank_scale).reshape(t.shape)
+
+
+def _form_xa(x2: torch.Tensor, lora_A: torch.Tensor, rank_scale: torch.Tensor | None,
+             scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x A^T, the op's r-wide input ``scaling * (x A^T) * rank_scale`` in x's dtype)."""
+    xa_raw = x2 @ lora_A.t()
+    xa = xa_raw if rank_scale is None else _scale_ranks(xa_raw, rank_scale)
+    # .to(x.dtype): under autocast the matmul returns the autocast dtype; the op computes in x's
+    return xa_raw, (xa * scaling).to(x2.dtype)
 
 
 class _QLoRALinear(torch.autograd.Function):
@@ -412,20 +426,22 @@ class _QLoRALinear(torch.autograd.Function):
     built from differentiable ops (under create_graph the op's own autograd is kept).
 
     Two forms. Given ``xa`` (the r-wide ``scaling * (dropout(x) A^T) * rank_scale``, computed outside),
-    it saves xa and B. Given ``lora_A`` instead (no dropout, no rank_scale, A trained: the common training
-    call), it
-    computes xa itself and its backward adds the LoRA path's input gradient into the base one in the
-    same GEMM (``grad_x = g W + s (g B) A``, one addmm) and forms grad_A, where autograd would otherwise
-    run a separate matmul node, a scaling node and an elementwise sum over grad_x; it saves x for grad_A,
-    as that matmul node would."""
+    it saves xa and B. Given ``lora_A`` instead (no dropout, A trained: the common training call, with
+    or without a ``rank_scale``), it computes xa itself and its backward adds the LoRA path's input
+    gradient into the base one in the same GEMM (``grad_x = g W + s ((g B) * rank_scale) A``, one addmm)
+    and forms grad_A and grad_rank_scale, where autograd would otherwise run separate matmul, scaling
+    and rank-scaling nodes and an elementwise sum over grad_x; it saves x for grad_A, as that matmul
+    node would, and ``x A^T`` for grad_rank_scale."""
 
     @staticmethod
-    def forward(ctx, x, xa, lora_A, lora_B, bias, scaling, w):  # w: the 4-bit weight's op arguments
+    def forward(ctx, x, xa, lora_A, lora_B, bias, rank_scale, scaling, w):  # w: the 4-bit weight's op arguments
         ctx.w, ctx.scaling = w, scaling
         if lora_A is not None:
-            # .to(x.dtype): under autocast the matmul returns the autocast dtype; the op computes in x's
-            xa = ((x @ lora_A.t()) * scaling).to(x.dtype)
-            ctx.save_for_backward(xa, lora_B, x, lora_A)
+            xa_raw, xa = _form_xa(x, lora_A, rank_scale, scaling)
+            if rank_scale is None:
+                ctx.save_for_backward(xa, lora_B, x, lora_A)
+            else:
+                ctx.save_for_backward(xa, lora_B, x, lora_A, rank_scale, xa_raw)
         else:
             ctx.save_for_backward(xa, lora_B)  # the r-wide activations and B; never x, never W
         with _ops.below_autograd():  # (this Function is the autograd: skip the op's own)
@@ -435,21 +451,32 @@ class _QLoRALinear(torch.autograd.Function):
     def backward(ctx, grad):
         xa, lora_B, *fused = ctx.saved_tensors
         grad = grad.contiguous()
-        need_x, need_xa, need_A, need_B, need_bias, _, _ = ctx.needs_input_grad
-        if fused and torch.is_grad_enabled():  # a double backward: xa again, now with its graph to x and A
-            x, lora_A = fused
-            xa = ((x @ lora_A.t()) * ctx.scaling).to(xa.dtype)
+        need_x, need_xa, need_A, need_B, need_bias, need_rs, _, _ = ctx.needs_input_grad
+        x = lora_A = rank_scale = xa_raw = None
+        if fused:
+            x, lora_A, *rs = fused
+            rank_scale, xa_raw = rs or (None, None)
+            if torch.is_grad_enabled():  # a double backward: xa again, now with its graph to x, A, rank_scale
+                xa_raw, xa = _form_xa(x, lora_A, rank_scale, ctx.scaling)
         grad_x, grad_xa, grad_B, grad_bias = _ops.linear_4bit_grads(grad, ctx.w, xa, lora_B, need_x,
                                                                     need_xa and not fused, need_B, need_bias)
-        grad_A = None
-        if fused and (need_x or need_A):
-            x, lora_A = fused
+        grad_A = grad_rs = None
+        if fused and (need_x or need_A or need_rs):
+            g_r = grad @ lora_B  # the gradient of the scaled r-wide activations, then of x A^T
+            if rank_scale is not None:
+                g_r = g_r.to(rank_scale.dtype)  # (as autograd would: the scaled product is in its dtype)
+            g_r = g_r * ctx.scaling
+            if rank_scale is not None:
+                if need_rs:
+                    prod = g_r * xa_raw.to(rank_scale.dtype)
+                    grad_rs = prod.sum(0) if rank_scale.dim() == 1 else prod.view(rank_scale.shape)
+                g_r = _scale_ranks(g_r, rank_scale)
             # the gradient of x A^T, in x's dtype (a backward traced under autocast, as torch.compile
             # does, would give the matmul's 16-bit result: the in-place addmm needs one dtype)
-            g_lora = ((grad @ lora_B) * ctx.scaling).to(x.dtype)
+            g_lora = g_r.to(x.dtype)
             if need_A:
                 grad_A = (g_lora.t() @ x).to(lora_A.dtype)
             if need_x:  # in place when nothing differentiates through it (a double backward does)
                 grad_x = (torch.addmm(grad_x, g_lora, lora_A).to(x.dtype) if torch.is_grad_enabled()
                           else grad_x.addmm_(g_lora, lora_A))
-        return grad_x, grad_xa, grad_A, grad_B, grad_bias, None, None
+        return grad_x, grad_xa, grad_A, grad_B, grad_bias, grad_rs, None, None

@@ -74,6 +74,7 @@ def attach_experts(model: nn.Module, config: MoELoRAConfig) -> None:
                 gate.set_task_ids(kwargs.pop("task_ids"))
             elif not getattr(gate, "sticky", False):
                 gate.set_task_ids(None)
+            gate.begin_forward()  # the gate's weights: once per forward, shared by the layers
             return args, kwargs
         add_hook(model, "pre_hook", take_task_ids, with_kwargs=True)
         for p in gate.parameters():

@@ -16,7 +16,12 @@ from torch import nn
 
 
 class TaskGate(nn.Module):
-    """``omega = softmax(W_T e_task)``: (num_tasks, dim) embedding, bias-free ``Linear(dim, N)``."""
+    """``omega = softmax(W_T e_task)``: (num_tasks, dim) embedding, bias-free ``Linear(dim, N)``.
+
+    One gate serves every layer of a model. The prepared model calls :meth:`begin_forward` at the start
+    of each forward: the weights are computed once there and shared by all layers, and by gradient
+    checkpointing's recomputation, instead of once per layer; the cached value is dropped when the task
+    ids, the gate's parameters (in-place updates) or the grad mode change."""
 
     def __init__(self, num_tasks: int, embedding_dim: int, num_experts: int) -> None:
         super().__init__()
@@ -25,23 +30,66 @@ class TaskGate(nn.Module):
         nn.init.normal_(self.task_embedding.weight, std=1.0)
         nn.init.zeros_(self.gate.weight)  # uniform mixture at the start
         self.task_ids: torch.Tensor | None = None
+        self._caching = False  # set by begin_forward: a stand-alone gate recomputes on every call
+        self._cached: tuple | None = None  # (task ids, versions and modes, {"omega" or r: weights})
+        self._ranks: set[int] = set()  # the r of the layers it serves (TaskRankScale registers them)
+
+    def begin_forward(self) -> None:
+        """Starts a forward pass of the model: the weights are computed here, outside every layer (so a
+        non-reentrant checkpoint's recomputation saves the same tensors as its forward), and served to
+        the layers until the next call."""
+        self._caching, self._cached = True, None
+        if self.task_ids is not None:
+            for r in self._ranks:
+                self.rank_weights(r)
 
     def set_task_ids(self, task_ids: torch.Tensor | int | None) -> None:
+        self._cached = None
         if task_ids is None:
             self.task_ids = None
             return
-        t = torch.as_tensor(task_ids, dtype=torch.long, device=self.gate.weight.device).reshape(-1)
-        n = self.task_embedding.num_embeddings
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
-            raise ValueError(f"task_ids must be in [0, {n}), got values from {int(t.min())} to {int(t.max())}")
-        self.task_ids = t
+        t = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)  # (checked where it lives: ids from a
+        n = self.task_embedding.num_embeddings                         # CPU loader cost no GPU sync)
+        if t.numel():
+            lo, hi = torch.aminmax(t)
+            lo, hi = torch.stack([lo, hi]).tolist()  # one device read
+            if lo < 0 or hi >= n:
+                raise ValueError(f"task_ids must be in [0, {n}), got values from {lo} to {hi}")
+        self.task_ids = t.to(self.gate.weight.device, non_blocking=True)
 
     def weights(self, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, N) float32 expert weights of ``task_ids`` (default: the current batch's)."""
         t = self.task_ids if task_ids is None else task_ids
         if t is None:
             raise ValueError("this model's MoE-LoRA gate needs task ids: call model(..., task_ids=LongTensor[batch])")
-        return torch.softmax(self.gate(self.task_embedding(t).float()), dim=-1)
+        cache = self._cache_entry(t) if task_ids is None else None
+        if cache is not None and "omega" in cache:
+            return cache["omega"]
+        omega = torch.softmax(self.gate(self.task_embedding(t).float()), dim=-1)
+        if cache is not None:
+            cache["omega"] = omega
+        return omega
+
+    def rank_weights(self, r: int) -> torch.Tensor:
+        """(batch, r): the current batch's expert weights, each on its r/N rank dimensions."""
+        cache = self._cache_entry(self.task_ids)
+        if cache is not None and r in cache:
+            return cache[r]
+        w = expand_to_rank(self.weights(), r)
+        if cache is not None:
+            cache[r] = w
+        return w
+
+    def _cache_entry(self, t: torch.Tensor | None) -> dict | None:
+        """The cache of this forward for task ids t (a fresh one when anything it depends on changed),
+        or None when not caching."""
+        if not self._caching or t is None:
+            return None
+        key = (self.task_embedding.weight._version, self.gate.weight._version, torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled())
+        if self._cached is None or self._cached[0] is not t or self._cached[1] != key:
+            self._cached = (t, key, {})
+        return self._cached[2]
 
 
 def expand_to_rank(omega: torch.Tensor, r: int) -> torch.Tensor:
@@ -56,9 +104,10 @@ class TaskRankScale(nn.Module):
         super().__init__()
         object.__setattr__(self, "gate", gate)
         self.r = r
+        gate._ranks.add(r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = expand_to_rank(self.gate.weights(), self.r)  # (batch, r)
+        w = self.gate.rank_weights(self.r)  # (batch, r)
         if w.shape[0] == 1 and x.shape[0] != 1:  # one task for the whole batch (set_task(model, 2))
             w = w.expand(x.shape[0], self.r)
         if x.dim() == 2 and x.shape[0] == w.shape[0]:
