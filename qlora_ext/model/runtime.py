@@ -36,24 +36,24 @@ def strip(model: nn.Module) -> None:
 
 def recompute_context_fn(model: nn.Module):
     """A ``context_fn`` for non-reentrant checkpointing (and our offload): the recompute of a layer runs
-    with the task ids its forward saw, even when other forwards set new ones in between (two
-    forwards, one backward). None when the model has no task gate."""
+    with the task ids, and the gate weights, its forward saw, even when other forwards set new ones in
+    between (two forwards, one backward). None when the model has no task gate."""
     gates = [m for m in model.modules() if isinstance(m, TaskGate)]
     if not gates:
         return None
 
     def context_fn():
-        seen = [g.task_ids for g in gates]
+        seen = [g.snapshot() for g in gates]
 
         @contextlib.contextmanager
         def recompute():
-            now = [g.task_ids for g in gates]
-            for g, t in zip(gates, seen):
-                g.task_ids = t
+            now = [g.snapshot() for g in gates]
+            for g, snap in zip(gates, seen):
+                g.restore(snap)
             try:
                 yield
             finally:
-                for g, t in zip(gates, now):
-                    g.task_ids = t
+                for g, snap in zip(gates, now):
+                    g.restore(snap)
         return contextlib.nullcontext(), recompute()
     return context_fn

@@ -43,6 +43,14 @@ class TaskGate(nn.Module):
             for r in self._ranks:
                 self.rank_weights(r)
 
+    def snapshot(self) -> tuple:
+        """The task ids and this forward's cached weights, for :meth:`restore` (checkpoint recomputation
+        after other forwards changed them)."""
+        return self.task_ids, self._cached
+
+    def restore(self, snapshot: tuple) -> None:
+        self.task_ids, self._cached = snapshot
+
     def set_task_ids(self, task_ids: torch.Tensor | int | None) -> None:
         self._cached = None
         if task_ids is None:
