@@ -341,17 +341,10 @@ def qlora_linear(
         re-dequantizes W (never keeps it, never forms grad_W) and saves only dropout(x) and the r-wide
         ``x A^T`` besides the 4-bit weight.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if len(state.shape) != 2:
         raise ValueError(f"state.shape must be (out_features, in_features), got {tuple(state.shape)}")
     out_features, in_features = state.shape
-    if x.dtype not in _FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"x must be float32, float16 or bfloat16 (or float64 on the CPU), got {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"x must have in_features = {in_features} in its last dimension, got shape {tuple(x.shape)}")
-    if packed.device != x.device:
-        raise ValueError(f"x is on {x.device} but the 4-bit weight is on {packed.device}")
+    _check_x(x, in_features, packed.device)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if (lora_A is None) != (lora_B is None):
@@ -367,37 +360,81 @@ def qlora_linear(
     if rank_scale is not None:
         if lora_A is None:
             raise ValueError("rank_scale needs lora_A and lora_B")
-        r = lora_A.shape[0]
-        if rank_scale.shape not in ((r,), (*x.shape[:-1], r)):
-            raise ValueError(f"rank_scale must be (r,) = ({r},) or x's leading dims + (r,) = "
-                             f"{(*x.shape[:-1], r)}, got {tuple(rank_scale.shape)}")
-        if rank_scale.device != x.device:
-            raise ValueError(f"rank_scale is on {rank_scale.device} but x is on {x.device}")
-        if not rank_scale.is_floating_point():
-            raise TypeError(f"rank_scale must be a floating-point tensor, got {rank_scale.dtype}")
+        _check_rank_scale(rank_scale, x, lora_A.shape[0])
     if bias is not None:
         _check_same(bias, "bias", x)
         if tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must be (out_features,) = ({out_features},), got {tuple(bias.shape)}")
 
+    return checked_qlora_linear(x, op_args(packed, state), lora_A, lora_B, scaling, bias, dropout_p, rank_scale)
+
+
+def _check_x(x: torch.Tensor, in_features: int, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"x must be float32, float16 or bfloat16 (or float64 on the CPU), got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have in_features = {in_features} in its last dimension, got shape {tuple(x.shape)}")
+    if device != x.device:
+        raise ValueError(f"x is on {x.device} but the 4-bit weight is on {device}")
+
+
+def _check_rank_scale(rank_scale: torch.Tensor, x: torch.Tensor, r: int) -> None:
+    if rank_scale.shape not in ((r,), (*x.shape[:-1], r)):
+        raise ValueError(f"rank_scale must be (r,) = ({r},) or x's leading dims + (r,) = "
+                         f"{(*x.shape[:-1], r)}, got {tuple(rank_scale.shape)}")
+    if rank_scale.device != x.device:
+        raise ValueError(f"rank_scale is on {rank_scale.device} but x is on {x.device}")
+    if not rank_scale.is_floating_point():
+        raise TypeError(f"rank_scale must be a floating-point tensor, got {rank_scale.dtype}")
+
+
+def op_args(packed: torch.Tensor, state: QuantState) -> tuple:
+    """The 4-bit weight as the qlora:: ops take it (packed bytes ... nested_blocksize), checked: what
+    :func:`checked_qlora_linear` takes; a module computes it once per weight."""
+    if len(state.shape) != 2:
+        raise ValueError(f"state.shape must be (out_features, in_features), got {tuple(state.shape)}")
     data, absmax, blocksize, quant_type, nested = _state_args(packed, state)
-    x2 = x.reshape(x.shape[:-1].numel(), in_features)
-    xa = fused_A = None
+    return (data, absmax, blocksize, quant_type, *state.shape, *nested)
+
+
+def checked_qlora_linear(x: torch.Tensor, w: tuple, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+                         scaling: float, bias: torch.Tensor | None, dropout_p: float,
+                         rank_scale: torch.Tensor | None) -> torch.Tensor:
+    """:func:`qlora_linear` after its argument checks, the 4-bit weight as :func:`op_args` gives it (the
+    layers' hot path: they check what can change between calls and skip the rest)."""
+    out_features, in_features = w[4], w[5]
+    lead = x.shape[:-1]
     if lora_A is not None:
         lora_B = lora_B.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    if not torch.is_grad_enabled():  # inference: the op alone, no autograd Function
+        x2 = x.reshape(-1, in_features)
+        xa = None
+        if lora_A is not None:
+            xa = _form_xa(torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2, lora_A,
+                          rank_scale, scaling)[1]
+        with _ops.below_autograd():
+            return torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias).reshape(*lead, out_features)
+    xa = fused_A = None
+    if lora_A is not None:
         # xa here, the Function taking it as an input: with dropout, and for a frozen A (the fused form
         # would save x for a grad_A nobody wants)
-        if dropout_p > 0 or (torch.is_grad_enabled() and not lora_A.requires_grad):
-            xd = torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2
-            xa = _form_xa(xd, lora_A, rank_scale, scaling)[1]
+        if dropout_p > 0 or not lora_A.requires_grad:
+            x2 = x.reshape(-1, in_features)
+            xa = _form_xa(torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2, lora_A, rank_scale,
+                          scaling)[1]
             rank_scale = None  # (applied)
         else:
             fused_A = lora_A  # the Function forms xa and folds the LoRA input gradient into the base one
-    if bias is not None:
-        bias = bias.contiguous()
-    y = _QLoRALinear.apply(x2, xa, fused_A, lora_B, bias, rank_scale, scaling,
-                           (data, absmax, blocksize, quant_type, out_features, in_features, *nested))
-    return y.reshape(*x.shape[:-1], out_features)
+    return _QLoRALinear.apply(x, xa, fused_A, lora_B, bias, rank_scale, scaling, w)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; t itself when it already is (a no-op .to still costs a call on the hot path)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _scale_ranks(t: torch.Tensor, rank_scale: torch.Tensor) -> torch.Tensor:
@@ -414,7 +451,7 @@ def _form_xa(x2: torch.Tensor, lora_A: torch.Tensor, rank_scale: torch.Tensor | 
     xa_raw = x2 @ lora_A.t()
     xa = xa_raw if rank_scale is None else _scale_ranks(xa_raw, rank_scale)
     # .to(x.dtype): under autocast the matmul returns the autocast dtype; the op computes in x's
-    return xa_raw, (xa * scaling).to(x2.dtype)
+    return xa_raw, _cast(xa * scaling, x2.dtype)
 
 
 class _QLoRALinear(torch.autograd.Function):
@@ -435,9 +472,12 @@ class _QLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, xa, lora_A, lora_B, bias, rank_scale, scaling, w):  # w: the 4-bit weight's op arguments
-        ctx.w, ctx.scaling = w, scaling
+        # x: (..., in_features), flattened here (not by the caller: no autograd view nodes around it)
+        ctx.w, ctx.scaling, ctx.x_shape = w, scaling, x.shape
+        x2 = x.reshape(-1, w[5])
         if lora_A is not None:
-            xa_raw, xa = _form_xa(x, lora_A, rank_scale, scaling)
+            xa_raw, xa = _form_xa(x2, lora_A, rank_scale, scaling)
+            # x itself, not its flat view: a double backward differentiates through it
             if rank_scale is None:
                 ctx.save_for_backward(xa, lora_B, x, lora_A)
             else:
@@ -445,16 +485,18 @@ class _QLoRALinear(torch.autograd.Function):
         else:
             ctx.save_for_backward(xa, lora_B)  # the r-wide activations and B; never x, never W
         with _ops.below_autograd():  # (this Function is the autograd: skip the op's own)
-            return torch.ops.qlora.linear_4bit(x, *w, xa, lora_B, bias)
+            y = torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias)
+        return y.view(*ctx.x_shape[:-1], w[4])
 
     @staticmethod
     def backward(ctx, grad):
         xa, lora_B, *fused = ctx.saved_tensors
-        grad = grad.contiguous()
+        grad = grad.reshape(-1, ctx.w[4]).contiguous()
         need_x, need_xa, need_A, need_B, need_bias, need_rs, _, _ = ctx.needs_input_grad
         x = lora_A = rank_scale = xa_raw = None
         if fused:
             x, lora_A, *rs = fused
+            x = x.reshape(-1, ctx.w[5])
             rank_scale, xa_raw = rs or (None, None)
             if torch.is_grad_enabled():  # a double backward: xa again, now with its graph to x, A, rank_scale
                 xa_raw, xa = _form_xa(x, lora_A, rank_scale, ctx.scaling)
@@ -464,19 +506,21 @@ class _QLoRALinear(torch.autograd.Function):
         if fused and (need_x or need_A or need_rs):
             g_r = grad @ lora_B  # the gradient of the scaled r-wide activations, then of x A^T
             if rank_scale is not None:
-                g_r = g_r.to(rank_scale.dtype)  # (as autograd would: the scaled product is in its dtype)
+                g_r = _cast(g_r, rank_scale.dtype)  # (as autograd would: the scaled product is in its dtype)
             g_r = g_r * ctx.scaling
             if rank_scale is not None:
                 if need_rs:
-                    prod = g_r * xa_raw.to(rank_scale.dtype)
+                    prod = g_r * _cast(xa_raw, rank_scale.dtype)
                     grad_rs = prod.sum(0) if rank_scale.dim() == 1 else prod.view(rank_scale.shape)
                 g_r = _scale_ranks(g_r, rank_scale)
             # the gradient of x A^T, in x's dtype (a backward traced under autocast, as torch.compile
             # does, would give the matmul's 16-bit result: the in-place addmm needs one dtype)
-            g_lora = g_r.to(x.dtype)
+            g_lora = _cast(g_r, x.dtype)
             if need_A:
-                grad_A = (g_lora.t() @ x).to(lora_A.dtype)
+                grad_A = _cast(g_lora.t() @ x, lora_A.dtype)
             if need_x:  # in place when nothing differentiates through it (a double backward does)
-                grad_x = (torch.addmm(grad_x, g_lora, lora_A).to(x.dtype) if torch.is_grad_enabled()
+                grad_x = (_cast(torch.addmm(grad_x, g_lora, lora_A), x.dtype) if torch.is_grad_enabled()
                           else grad_x.addmm_(g_lora, lora_A))
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
         return grad_x, grad_xa, grad_A, grad_B, grad_bias, grad_rs, None, None

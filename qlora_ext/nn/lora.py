@@ -80,7 +80,8 @@ class LoRALayer(nn.Module):
         if self.merged:
             return None, None, 0.0
         p = self.lora_dropout if self.training else 0.0
-        return self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype), p
+        A, B = self.lora_A.weight, self.lora_B.weight
+        return (A if A.dtype == dtype else A.to(dtype)), (B if B.dtype == dtype else B.to(dtype)), p
 
     # the base weight, dense, and how to replace it: what merge/unmerge/to_linear need from a subclass
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

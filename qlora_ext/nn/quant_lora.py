@@ -6,7 +6,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..functional import QuantState, dequantize_4bit, qlora_linear, quantize_4bit
+from ..functional import (QuantState, _cast, _check_rank_scale, _check_x, checked_qlora_linear, dequantize_4bit,
+                          op_args, quantize_4bit)
 from .lora import InitLoRA, LoRALayer
 
 
@@ -80,10 +81,26 @@ class QuantLoRALinear(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
         A, B, p = self._lora_operands(cd)
-        bias = self.bias.to(cd) if self.bias is not None else None
-        y = qlora_linear(x.to(cd), self.weight, self.quant_state, A, B, self.scaling, bias, p,
-                         rank_scale=self._rank_scale(x) if A is not None else None)
-        return y.to(x.dtype)
+        bias = _cast(self.bias, cd) if self.bias is not None else None
+        xc = _cast(x, cd)
+        # qlora_linear's checks, less those of what this module owns (the weight, adapter and bias):
+        # they run once per weight (op_args), not on every call
+        _check_x(xc, self.in_features, self.weight.device)
+        rank_scale = self._rank_scale(x) if A is not None else None
+        if rank_scale is not None:
+            _check_rank_scale(rank_scale, xc, A.shape[0])
+        y = checked_qlora_linear(xc, self._op_args(), A, B, self.scaling, bias, p, rank_scale)
+        return _cast(y, x.dtype)
+
+    def _op_args(self) -> tuple:
+        """The 4-bit weight as the ops take it, checked once and kept while the weight, its state and
+        the state's tensors are the same objects (a device move, load or re-quantization makes new ones)."""
+        w, st = self.weight, self.quant_state
+        cached = self.__dict__.get("_qlora_op_args")
+        if cached is None or cached[0] is not w or cached[1] is not st or cached[2] is not st.absmax:
+            cached = (w, st, st.absmax, op_args(w, st))
+            self.__dict__["_qlora_op_args"] = cached
+        return cached[3]
 
     # ---- device moves and (de)serialization ---------------------------------------------------------
     def _apply(self, fn, recurse: bool = True):
