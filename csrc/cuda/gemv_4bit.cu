@@ -6,7 +6,9 @@
 // A warp owns kRows output features and walks K 1024 elements at a time per unrolled step: each lane
 // loads 16 bytes (32 weights, within one absmax block since blocksize >= 32 and K % 32 == 0) of each of
 // its rows, kUnroll steps issued before any math, so 8 independent 16-byte loads are in flight per lane
-// (the bytes in flight per SM are what a latency-bound stream needs on HBM3). The code value is looked
+// (the bytes in flight per SM are what a latency-bound stream needs on HBM3); the absmax bytes load with
+// them and are decoded afterwards (decoding each one in the load loop had serialized the step on a
+// memory latency per row, as the H200 profile of session 12 suggested). The code value is looked
 // up in a 16-entry shared table (16 distinct banks: conflict-free), the absmax is applied once per
 // 32-weight dot product, accumulation is float32. Requirements checked by the glue: in_features % 32 == 0,
 // blocksize >= 32, x and packed 16-byte aligned; otherwise the dequantize + cuBLAS path runs.
@@ -57,27 +59,27 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_kernel(const Gemv4bitAr
 
   for (int64_t k0 = 0; k0 < K; k0 += kUnroll * kWarpK) {
     uint4 w[kUnroll][kRows];
-    float am[kUnroll][kRows];
+    AbsmaxRaw am_raw[kUnroll][kRows];
+    bool in[kUnroll][kRows];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // all loads first
-      const int64_t k = k0 + u * kWarpK + lane * kLaneK;
+    for (int u = 0; u < kUnroll; ++u) {  // all loads first, none of them conditional (a branch per
+      const int64_t k = k0 + u * kWarpK + lane * kLaneK;  // load let the compiler wait between them)
 #pragma unroll
       for (int j = 0; j < kRows; ++j) {
         const int64_t o = o0 + j;
-        if (o < a.out_features && k < K) {
-          const int64_t e = o * K + k;  // flattened element index, a multiple of 32
-          w[u][j] = __ldcs(reinterpret_cast<const uint4*>(a.packed + (e >> 1)));
-          am[u][j] = gemv_absmax<NESTED>(a, s_code8, offset, e >> a.bs_log2);
-        } else {
-          w[u][j] = make_uint4(0, 0, 0, 0);
-          am[u][j] = 0.0f;
-        }
+        in[u][j] = o < a.out_features && k < K;
+        const int64_t e = in[u][j] ? o * K + k : 0;  // flattened element index (a multiple of 32); out of
+        w[u][j] = __ldcs(reinterpret_cast<const uint4*>(a.packed + (e >> 1)));  // range: element 0's
+        am_raw[u][j] = load_absmax<NESTED>(a, e >> a.bs_log2);                  // bytes, weighted 0 below
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = k0 + u * kWarpK + lane * kLaneK;
       if (k >= K) break;  // later steps are past the end too
+      float am[kRows];
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) am[j] = in[u][j] ? finish_absmax<NESTED>(am_raw[u][j], s_code8, offset) : 0.0f;
       float part[kRows][M];
 #pragma unroll
       for (int j = 0; j < kRows; ++j)
@@ -110,7 +112,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_kernel(const Gemv4bitAr
 #pragma unroll
       for (int j = 0; j < kRows; ++j)
 #pragma unroll
-        for (int m = 0; m < M; ++m) acc[j][m] += am[u][j] * part[j][m];
+        for (int m = 0; m < M; ++m) acc[j][m] += am[j] * part[j][m];
     }
   }
 

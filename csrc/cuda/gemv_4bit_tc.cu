@@ -14,6 +14,11 @@
 // at the same 16 k, and uses byte 2j / 2j + 1 of its weights with word 2j / 2j + 1 of its x for mma j
 // (A's registers {a0a1, a4a5} and B's {b0b1, b2b3} cover the same k slots 2t, 2t + 1 and 2t + 8, 2t + 9).
 //
+// Each step issues all its global loads (weights, absmax pieces, and x with one mma N tile; with two,
+// x per group) before any math, unconditionally (clamped addresses, weighted 0): the first version decoded each absmax and loaded x between the
+// lookups, one memory latency at a time, and ran at 0.22 of copy bandwidth on an H200 (1 to 16 rows
+// alike, the signature of latency, not of issue).
+//
 // Decode: a 256-entry table maps a packed byte to the two code values as a 16-bit pair (the element in
 // the high nibble in the low half, as operand A wants it), replicated 32 times so that lane l always
 // reads bank l: conflict-free whatever the bytes (32 KiB of shared memory; CTAs are persistent over
@@ -60,11 +65,14 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 }
 
 // The table entry for byte i (0..7) of an 8-byte load: prmt isolates the byte, one shift-add makes the
-// shared address of this lane's copy (`lane_base` = table + 4 * lane, a shared-window address).
+// shared address of this lane's copy (`lane_base` = table + 4 * lane, a shared-window address). Not
+// volatile, no memory clobber: the table is constant after its barrier, and a clobber would pin every
+// global load of the loop behind the lookups before it. (The lookup stays after the barrier: its address
+// depends on the weights, loaded by __ldcs, a volatile asm ordered after it.)
 __device__ __forceinline__ uint32_t lut_pair(uint32_t lane_base, const uint2& w, int i) {
   const uint32_t byte = __byte_perm(i < 4 ? w.x : w.y, 0, 0x4440 | (i & 3));
   uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(lane_base + (byte << 7)) : "memory");
+  asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(lane_base + (byte << 7)));
   return v;
 }
 
@@ -78,9 +86,26 @@ __device__ __forceinline__ uint32_t word_of(const uint4 (&x)[2], int i) {
   return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
 }
 
+// Operand B of this lane for one group: 16 elements of x at k for rows g + 8n (zero past `rows`).
+template <typename T, int NT>
+__device__ __forceinline__ void load_x(const T* x, int64_t rows, int64_t K, int64_t k, int g, uint4 (&xb)[NT][2]) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int64_t m = g + 8 * n;
+    if (m < rows) {
+      const uint4* px = reinterpret_cast<const uint4*>(x + m * K + k);
+      xb[n][0] = __ldg(px);
+      xb[n][1] = __ldg(px + 1);
+    } else {
+      xb[n][0] = xb[n][1] = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
 // NT: mma N tiles of 8 rows of x (1 for rows <= 8, 2 for rows <= 16)
 template <typename T, bool NESTED, int NT>
 __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_tc_kernel(const Gemv4bitArgs a) {
+  constexpr bool kHoistX = NT == 1;
   __shared__ __align__(16) uint32_t lut[kLutWords];
   __shared__ float red[kWarps][kTile][17];  // (17: conflict-free stores and reads)
   __shared__ float s_code8[NESTED ? 256 : 1];
@@ -119,8 +144,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_tc_kernel(const Gemv4bi
 
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t o0 = tile * kTile;
-    const int64_t oa = o0 + g, ob = o0 + g + 8;  // this lane's two weight rows
-    const bool va = oa < a.out_features, vb = ob < a.out_features;
+    // this lane's two weight rows; one past out_features reads row o0 instead (always valid), weighted 0
+    const bool va = o0 + g < a.out_features, vb = o0 + g + 8 < a.out_features;
+    const int64_t oa = va ? o0 + g : o0, ob = vb ? o0 + g + 8 : o0;
     const uint8_t* pa = a.packed + ((oa * K) >> 1) + 8 * t;
     const uint8_t* pb = a.packed + ((ob * K) >> 1) + 8 * t;
 
@@ -131,34 +157,28 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_tc_kernel(const Gemv4bi
       for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
 
     for (int64_t base = warp; base < groups; base += kWarps * kUnroll) {
+      // every global load of the step first, none conditional (a group past the end reads group 0,
+      // weighted 0): weights, absmax pieces and (one mma N tile) x, all in flight before any math waits
+      // on one; with two N tiles x is loaded per group (hoisted, its registers made the kernel spill)
       uint2 wa[kUnroll], wb[kUnroll];
-      float ama[kUnroll], amb[kUnroll];
+      AbsmaxRaw ra[kUnroll], rb[kUnroll];
+      uint4 xb[kHoistX ? kUnroll : 1][NT][2];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {  // every load of the step before any math
-        const int64_t grp = base + u * kWarps;
-        const bool in = grp < groups;
-        wa[u] = in && va ? __ldcs(reinterpret_cast<const uint2*>(pa + grp * (kGroupK / 2))) : make_uint2(0, 0);
-        wb[u] = in && vb ? __ldcs(reinterpret_cast<const uint2*>(pb + grp * (kGroupK / 2))) : make_uint2(0, 0);
-        ama[u] = in && va ? gemv_absmax<NESTED>(a, s_code8, offset, (oa * K + grp * kGroupK) >> a.bs_log2) : 0.0f;
-        amb[u] = in && vb ? gemv_absmax<NESTED>(a, s_code8, offset, (ob * K + grp * kGroupK) >> a.bs_log2) : 0.0f;
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t grp = base + u * kWarps < groups ? base + u * kWarps : 0;
+        wa[u] = __ldcs(reinterpret_cast<const uint2*>(pa + grp * (kGroupK / 2)));
+        wb[u] = __ldcs(reinterpret_cast<const uint2*>(pb + grp * (kGroupK / 2)));
+        ra[u] = load_absmax<NESTED>(a, (oa * K + grp * kGroupK) >> a.bs_log2);
+        rb[u] = load_absmax<NESTED>(a, (ob * K + grp * kGroupK) >> a.bs_log2);
+        if constexpr (kHoistX) load_x(x, a.rows, K, grp * kGroupK + 16 * t, g, xb[u]);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int64_t grp = base + u * kWarps;
-        if (grp >= groups) break;  // warp-uniform: mma needs the whole warp
-        const int64_t k = grp * kGroupK + 16 * t;
-        uint4 xb[NT][2];
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          const int64_t m = g + 8 * n;  // x row of this lane's B operand; rows past a.rows are zero
-          if (m < a.rows) {
-            const uint4* px = reinterpret_cast<const uint4*>(x + m * K + k);
-            xb[n][0] = __ldg(px);
-            xb[n][1] = __ldg(px + 1);
-          } else {
-            xb[n][0] = xb[n][1] = make_uint4(0, 0, 0, 0);
-          }
-        }
+        if (base + u * kWarps >= groups) break;  // warp-uniform: mma needs the whole warp
+        if constexpr (!kHoistX) load_x(x, a.rows, K, (base + u * kWarps) * kGroupK + 16 * t, g, xb[0]);
+        const int xu = kHoistX ? u : 0;
+        const float ama = va ? finish_absmax<NESTED>(ra[u], s_code8, offset) : 0.0f;
+        const float amb = vb ? finish_absmax<NESTED>(rb[u], s_code8, offset) : 0.0f;
         float part[NT][4];
 #pragma unroll
         for (int n = 0; n < NT; ++n)
@@ -169,14 +189,15 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_4bit_tc_kernel(const Gemv4bi
           const uint32_t fa[4] = {lut_pair(lane_base, wa[u], 2 * j), lut_pair(lane_base, wb[u], 2 * j),
                                   lut_pair(lane_base, wa[u], 2 * j + 1), lut_pair(lane_base, wb[u], 2 * j + 1)};
 #pragma unroll
-          for (int n = 0; n < NT; ++n) mma_16816<T>(part[n], fa, word_of(xb[n], 2 * j), word_of(xb[n], 2 * j + 1));
+          for (int n = 0; n < NT; ++n)
+            mma_16816<T>(part[n], fa, word_of(xb[xu][n], 2 * j), word_of(xb[xu][n], 2 * j + 1));
         }
 #pragma unroll
         for (int n = 0; n < NT; ++n) {  // D rows: g (c0, c1) and g + 8 (c2, c3); columns 2t, 2t + 1
-          acc[n][0] += ama[u] * part[n][0];
-          acc[n][1] += ama[u] * part[n][1];
-          acc[n][2] += amb[u] * part[n][2];
-          acc[n][3] += amb[u] * part[n][3];
+          acc[n][0] += ama * part[n][0];
+          acc[n][1] += ama * part[n][1];
+          acc[n][2] += amb * part[n][2];
+          acc[n][3] += amb * part[n][3];
         }
       }
     }

@@ -17,19 +17,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk, denom):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # kept: 4 bytes per token
         for s in range(0, h.shape[0], chunk):
             logits = F.linear(h[s:s + chunk], weight, bias).float()
             t = targets[s:s + chunk]
             valid = t != IGNORE
             picked = logits.gather(1, t.clamp_min(0)[:, None])[:, 0]
-            total += ((torch.logsumexp(logits, -1) - picked) * valid).sum()
-        ctx.save_for_backward(h, weight, bias, targets)
+            lse[s:s + chunk] = torch.logsumexp(logits, -1)
+            total += ((lse[s:s + chunk] - picked) * valid).sum()
+        ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk, ctx.denom = chunk, denom
         return total / denom
 
     @staticmethod
     def backward(ctx, g):
-        h, weight, bias, targets = ctx.saved_tensors
+        h, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
@@ -39,10 +41,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             hc = h[s:s + ctx.chunk]
             logits = F.linear(hc, weight, bias)
             t = targets[s:s + ctx.chunk]
-            valid = (t != IGNORE)[:, None]
-            d = torch.softmax(logits.float(), -1)  # d loss / d logits = softmax - onehot, per valid token
+            # d loss / d logits = softmax - onehot, per valid token: the softmax from the forward's
+            # log-sum-exp, in place on the float32 logits (one pass, where softmax takes three)
+            d = logits.float() if logits.dtype != torch.float32 else logits
+            d.sub_(lse[s:s + ctx.chunk, None]).exp_()
             d.scatter_add_(1, t.clamp_min(0)[:, None], torch.full_like(d[:, :1], -1.0))
-            d = (d * valid * scale).to(logits.dtype)
+            d = d.mul_(((t != IGNORE) * scale)[:, None]).to(logits.dtype)
             if need_h:
                 grad_h[s:s + ctx.chunk] = d @ weight
             if need_w:
