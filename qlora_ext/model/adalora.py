@@ -8,6 +8,7 @@ ADALORA format."""
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def adalora_layers(model: nn.Module) -> dict[str, AdaLoRAMixin]:
 def orthogonal_regularization(model: nn.Module) -> torch.Tensor:
     """Mean over the A and B matrices of ``||A A^T - I||_F`` and ``||B^T B - I||_F`` (PEFT's form)."""
     terms = []
-    for m in adalora_layers(model).values():
+    alloc = getattr(model, "qlora_rank_allocator", None)
+    for m in (alloc.layers(model) if alloc is not None else adalora_layers(model)).values():
         for p, cov in ((m.lora_A, lambda p: p @ p.T), (m.lora_B, lambda p: p.T @ p)):
             if p.numel() == 0:
                 continue
@@ -90,13 +92,26 @@ def _add_orth_reg(module: nn.Module, args, output):
 class RankAllocator:
     """The budget schedule and the masking (see the module docstring); state lives here, per layer."""
 
+    _PARTS = ("lora_A", "lora_E", "lora_B")
+
     def __init__(self, model: nn.Module, config: AdaLoRAConfig) -> None:
         self.config = config
         self.names = sorted(adalora_layers(model))
         self.init_bgt = config.init_r * len(self.names)
         self.target_bgt = config.target_r * len(self.names)
         self.rank_pattern: dict[str, list[bool]] | None = None
+        self._layers: tuple | None = None  # (weak model, {name: layer}): the model is walked once
+        self._drop_masks: tuple | None = None  # (rank_pattern, {name: bool mask on the device})
         self.reset_ipt()
+
+    def __getstate__(self) -> dict:  # (pickle, deepcopy: the caches are rebuilt on use; weakrefs do not pickle)
+        return {**self.__dict__, "_layers": None, "_drop_masks": None}
+
+    def layers(self, model: nn.Module) -> dict[str, AdaLoRAMixin]:
+        """The model's AdaLoRA layers by name (found once per model, not on every step)."""
+        if self._layers is None or self._layers[0]() is not model:
+            self._layers = (weakref.ref(model), adalora_layers(model))
+        return self._layers[1]
 
     def reset_ipt(self) -> None:
         self.exp_avg_ipt: dict[tuple[str, str], torch.Tensor] = {}
@@ -115,42 +130,62 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_ipt(self, model: nn.Module) -> None:
+        """avg = b1 avg + (1 - b1) |p g|; unc = b2 unc + (1 - b2) |(|p g|) - avg|, for every A, E and B at
+        once (foreach ops, in place; the same roundings as the per-tensor formula)."""
         b1, b2 = self.config.beta1, self.config.beta2
-        for name, m in adalora_layers(model).items():
-            for part in ("lora_A", "lora_E", "lora_B"):
+        ps, gs, avgs, uncs = [], [], [], []
+        for name, m in self.layers(model).items():
+            for part in self._PARTS:
                 p = getattr(m, part)
                 if p.grad is None:
                     raise ValueError(f"{name}.{part} has no gradient: call update_and_allocate after backward() "
                                      "and before zero_grad()")
                 key = (name, part)
-                ipt = (p * p.grad).abs()
-                avg = self.exp_avg_ipt.get(key, torch.zeros_like(p))
-                unc = self.exp_avg_unc.get(key, torch.zeros_like(p))
-                avg = b1 * avg + (1 - b1) * ipt
-                self.exp_avg_ipt[key] = avg
-                self.exp_avg_unc[key] = b2 * unc + (1 - b2) * (ipt - avg).abs()
+                if key not in self.exp_avg_ipt:
+                    self.exp_avg_ipt[key], self.exp_avg_unc[key] = torch.zeros_like(p), torch.zeros_like(p)
+                ps.append(p)
+                gs.append(p.grad)
+                avgs.append(self.exp_avg_ipt[key])
+                uncs.append(self.exp_avg_unc[key])
+        if not ps:
+            return
+        ipt = torch._foreach_mul(ps, gs)
+        torch._foreach_abs_(ipt)
+        torch._foreach_mul_(avgs, b1)
+        torch._foreach_add_(avgs, torch._foreach_mul(ipt, 1 - b1))
+        dev = torch._foreach_sub(ipt, avgs)
+        torch._foreach_abs_(dev)
+        torch._foreach_mul_(uncs, b2)
+        torch._foreach_add_(uncs, torch._foreach_mul(dev, 1 - b2))
 
     def _score(self, name: str, part: str) -> torch.Tensor:
         return self.exp_avg_ipt[(name, part)] * self.exp_avg_unc[(name, part)]
 
     @torch.no_grad()
     def mask_to_budget(self, model: nn.Module, budget: int) -> dict[str, list[bool]]:
-        layers = adalora_layers(model)
+        layers = self.layers(model)
         triplet = {n: self._score(n, "lora_E").view(-1) + self._score(n, "lora_A").mean(dim=1)
                    + self._score(n, "lora_B").mean(dim=0) for n in self.names}
         threshold = torch.kthvalue(torch.cat([triplet[n] for n in self.names]), k=self.init_bgt - budget)[0].item()
-        pattern = {}
+        keeps = []
         for n in self.names:
             drop = triplet[n] <= threshold
             layers[n].lora_E.masked_fill_(drop.view(-1, 1), 0.0)
-            pattern[n] = (~drop).tolist()
+            keeps.append(~drop)
+        flat = torch.cat(keeps).tolist()  # one device read for the whole pattern
+        pattern, i = {}, 0
+        for n, k in zip(self.names, keeps):
+            pattern[n], i = flat[i:i + k.numel()], i + k.numel()
         return pattern
 
     @torch.no_grad()
     def mask_using_rank_pattern(self, model: nn.Module) -> None:
-        for n, m in adalora_layers(model).items():
-            keep = torch.tensor(self.rank_pattern[n], device=m.lora_E.device).view(-1, 1)
-            m.lora_E.masked_fill_(~keep, 0.0)
+        if self._drop_masks is None or self._drop_masks[0] is not self.rank_pattern:  # built once per pattern
+            self._drop_masks = (self.rank_pattern, {
+                n: ~torch.tensor(self.rank_pattern[n], device=m.lora_E.device).view(-1, 1)
+                for n, m in self.layers(model).items()})
+        for n, m in self.layers(model).items():
+            m.lora_E.masked_fill_(self._drop_masks[1][n], 0.0)
 
 
 def update_and_allocate(model: nn.Module, global_step: int) -> dict[str, list[bool]] | None:
