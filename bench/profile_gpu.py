@@ -43,6 +43,26 @@ def busy(fn, iters: int = 5) -> tuple[float, list]:
     return sum(per.values()), top
 
 
+def host_ms(fn, iters: int = 5, top: int = 10) -> tuple[float, list]:
+    """Host time per call (wall, the GPU synchronized before and after) and the operators with the most
+    self CPU time per call: where the launch overhead of a host-bound call goes."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    host = (time.perf_counter() - t0) / iters * 1e3  # (launches only: the GPU may still be running)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return host, [(e.key[:60], e.self_cpu_time_total / 1e3 / iters, e.count // iters) for e in ops]
+
+
 def graph_ms(fn, reps: int = 20) -> float | None:
     """ms per call replayed from a CUDA graph (no launch overhead), None when fn cannot be captured."""
     try:
@@ -102,6 +122,12 @@ def linear_cases(rows, tops):
                 y = f(x)
                 y.backward(torch.ones_like(y))
             record(rows, tops, f"fwd+bwd {n} rows=4096 r=16", name, step, reps=10)
+            if n == 4096:  # host-bound at this size: what the host spends per call, operator by operator
+                host, ops = host_ms(step)
+                rows[-1]["host_ms"] = host
+                tops[f"host fwd+bwd {n} | {name}"] = ops
+                print(f"  host fwd+bwd {n} | {name}: {host:.3f} ms launched per call; self CPU ms per call, "
+                      "count: " + "; ".join(f"{k} {ms:.3f} x{c}" for k, ms, c in ops), flush=True)
         del w, wd, packed
         torch.cuda.empty_cache()
 
@@ -171,7 +197,8 @@ def main() -> None:
             case(rows, tops)
         except Exception:  # report and go on: one failing case must not hide the others' numbers
             traceback.print_exc()
-    print(format_table(rows, ["what", "variant", "wall_ms", "gpu_busy_ms", "busy_frac", "graph_ms", "packed_frac_bw"]))
+    print(format_table(rows, ["what", "variant", "wall_ms", "gpu_busy_ms", "busy_frac", "host_ms", "graph_ms",
+                              "packed_frac_bw"]))
     for k, top in tops.items():
         if k.startswith(("fwd+bwd 4096", "decode 8192 rows=1 ", "decode 8192 rows=16", "adamw")):
             print(f"-- {k}: " + "; ".join(f"{name} {ms:.3f}" for name, ms in top))
