@@ -145,6 +145,10 @@ def test_token_router_balance_loss_matches_formula(make):
     f = torch.stack([(top_i == i).float().sum() for i in range(4)]) / top_i.numel()
     P = probs.reshape(-1, 4).mean(0)
     assert torch.allclose(balance_loss(probs, top_i, 0.05), 0.05 * 4 * (f * P).sum())
+    model.eval()  # evaluation does not compute it
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert moe_aux_loss(model) is None
 
 
 def test_bad_input(make):

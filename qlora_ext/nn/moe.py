@@ -127,7 +127,8 @@ class TaskRankScale(nn.Module):
 
 
 class TokenRouter(nn.Module):
-    """Token-routed top-k gate over N experts; ``aux_loss`` holds the last forward's balance loss."""
+    """Token-routed top-k gate over N experts; ``aux_loss`` holds the last training forward's balance loss
+    (None after a forward in eval mode)."""
 
     def __init__(self, in_features: int, num_experts: int, r: int, top_k: int = 2, aux_loss_coef: float = 0.01,
                  device=None) -> None:
@@ -141,7 +142,8 @@ class TokenRouter(nn.Module):
         probs = torch.softmax(self.router(x.float()), dim=-1)  # (..., N)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
-        self.aux_loss = balance_loss(probs, top_i, self.aux_loss_coef)
+        # the balance loss trains the router: computed in training only (evaluation and generation skip it)
+        self.aux_loss = balance_loss(probs, top_i, self.aux_loss_coef) if self.training else None
         return expand_to_rank(gates, self.r)
 
 
