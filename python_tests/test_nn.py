@@ -129,6 +129,30 @@ def test_state_dict_round_trip(double_quant):
         fresh.load_state_dict(bad)
 
 
+def test_cached_weight_arguments_follow_the_weight():
+    """The layer keeps the 4-bit op arguments between calls: a load_state_dict (also into a layer that
+    already ran), a merge (re-quantization) and an in-place copy into the packed bytes all show up in
+    the next forward."""
+    a = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=8, compute_dtype=torch.float32))
+    b = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=8, compute_dtype=torch.float32))
+    x = torch.randn(5, 96)
+    ya, yb = a(x), b(x)
+    assert not torch.equal(ya, yb)
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a(x), yb)
+    with torch.no_grad():
+        merged_ref = a.to_linear()(x)
+    a.merge()
+    assert _rel(a(x), merged_ref) < 0.12
+    a.unmerge()
+    c = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=8, compute_dtype=torch.float32))
+    c.load_state_dict(b.state_dict())
+    c(x)
+    with torch.no_grad():
+        c.weight.zero_()  # in place: the cached arguments view these very bytes
+    assert not torch.equal(c(x), yb)
+
+
 def test_half_cast_keeps_the_4bit_base():
     layer = QuantLoRALinear.from_linear(_linear(), r=4, compute_dtype=torch.float32)
     before = layer.weight.clone()
