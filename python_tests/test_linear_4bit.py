@@ -514,6 +514,25 @@ def test_rank_scale_expanded_per_sample(train_A, dropout_p):
             assert _rel(got.grad, want.grad) < 1e-4
 
 
+def test_rank_scale_of_another_dtype_keeps_the_promoted_precision():
+    """float64 x with a float32 rank_scale (and float32 x with a bfloat16 one): the fused backward computes
+    in the promoted dtype, as autograd does through the product, not in the scale's."""
+    for xdt, sdt in ((torch.float64, torch.float32), (torch.float32, torch.bfloat16)):
+        w, x, A, B, b = _operands((4, 3), 48, 20, 4, xdt)
+        packed, state = quantize_4bit(w.float(), blocksize=32)
+        s = (torch.rand(4, 3, 4) + 0.5).to(sdt)
+        leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+        qlora_linear(*leaves[:1], packed, state, leaves[1], leaves[2], 0.5, b, rank_scale=s).sum().backward()
+        w64 = dequantize_4bit(packed, state, out_dtype=torch.float32).double()
+        ref_leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
+        y64 = ref.qlora_linear(ref_leaves[0], w64, ref_leaves[1], ref_leaves[2], 0.5, b.double(),
+                               rank_scale=s.double())
+        y64.sum().backward()
+        tol = 1e-12 if xdt == torch.float64 else 1e-5
+        for got, want in zip(leaves, ref_leaves):
+            assert _rel(got.grad, want.grad) < tol, (xdt, sdt)
+
+
 def test_rank_scale_double_backward():
     """Second derivatives in x, A, B and a per-row rank_scale through the fused form of the Function."""
     w, x, A, B, b = _operands((3,), 32, 16, 2, torch.float64)

@@ -81,6 +81,29 @@ def test_chunked_cross_entropy_equals_transformers(num_items):
         assert ((a - c).norm() / c.norm()).item() <= 1e-6
 
 
+def test_chunked_cross_entropy_under_autocast():
+    """Under bf16 autocast the backward recomputes the logits as the forward made them (the softmax comes
+    from the forward's log-sum-exp): the hidden-state gradient equals autograd's through the plain loss."""
+    torch.manual_seed(0)
+    B, S, H, V = 2, 40, 32, 300
+    h, w, labels = torch.randn(B, S, H) * 2, torch.randn(V, H), torch.randint(0, V, (B, S))
+    grads = []
+    for chunked in (True, False):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunked:
+                loss = chunked_cross_entropy(hh, ww, labels, chunk_size=16)
+            else:
+                logits = torch.nn.functional.linear(hh, ww).float()
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+        loss.backward()
+        grads.append((loss.detach(), hh.grad, ww.grad))
+    (l1, gh1, gw1), (l0, gh0, gw0) = grads
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=0)
+    assert ((gh1 - gh0).norm() / gh0.norm()).item() < 1e-5
+    assert ((gw1 - gw0).norm() / gw0.norm()).item() < 1e-2  # (ours accumulates the head's gradient in float32)
+
+
 def test_chunked_loss_in_the_model_same_loss_and_grads_no_full_logits():
     ids, labels = _batch()
     want_loss, want = _loss_and_grads(_model(), ids, labels)

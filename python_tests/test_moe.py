@@ -113,6 +113,25 @@ def test_gate_runs_once_per_forward_with_the_same_gradients(make, monkeypatch):
         assert not torch.equal(model(input_ids=ids, task_ids=tasks).logits, first)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gate_cache_under_either_checkpointing(make, reentrant):
+    """Gradients with transformers' reentrant (layers run under no_grad, each recomputed and freed in the
+    backward: the gate is then computed per call) and non-reentrant checkpointing equal those without."""
+    ref = _moe(make, gradient_checkpointing=False).train()
+    model = _moe(make, gradient_checkpointing=False)
+    model.load_state_dict(ref.state_dict())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    model.train()
+    ids, tasks = torch.randint(0, 128, (2, 12)), torch.tensor([0, 2])
+    for m in (ref, model):
+        m(input_ids=ids, labels=ids, task_ids=tasks).loss.backward()
+    want = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, want[n].grad, rtol=1e-5, atol=1e-7)
+
+
 def test_task_ids_checked_on_their_device(make):
     gate = _moe(make).qlora_task_gate
     with pytest.raises(ValueError, match=r"task_ids must be in \[0, 3\), got values from 0 to 3"):

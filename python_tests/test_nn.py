@@ -129,6 +129,20 @@ def test_state_dict_round_trip(double_quant):
         fresh.load_state_dict(bad)
 
 
+def test_training_output_can_be_modified_in_place():
+    """The layer's output in training is an ordinary tensor: in-place ops on it (an activation's relu_,
+    a residual +=) work and differentiate as the out-of-place forms do."""
+    layer = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=8, compute_dtype=torch.float32))
+    grads = []
+    for in_place in (True, False):
+        x = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        y = layer(x)
+        y = y.relu_() if in_place else y.relu()
+        y.sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_cached_weight_arguments_follow_the_weight():
     """The layer keeps the 4-bit op arguments between calls: a load_state_dict (also into a layer that
     already ran), a merge (re-quantization) and an in-place copy into the packed bytes all show up in

@@ -429,7 +429,9 @@ def checked_qlora_linear(x: torch.Tensor, w: tuple, lora_A: torch.Tensor | None,
             rank_scale = None  # (applied)
         else:
             fused_A = lora_A  # the Function forms xa and folds the LoRA input gradient into the base one
-    return _QLoRALinear.apply(x, xa, fused_A, lora_B, bias, rank_scale, scaling, w)
+    # (the Function returns the op's 2-D output: a view made inside a Function could not be modified in
+    # place by the caller)
+    return _QLoRALinear.apply(x, xa, fused_A, lora_B, bias, rank_scale, scaling, w).view(*lead, out_features)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -485,13 +487,12 @@ class _QLoRALinear(torch.autograd.Function):
         else:
             ctx.save_for_backward(xa, lora_B)  # the r-wide activations and B; never x, never W
         with _ops.below_autograd():  # (this Function is the autograd: skip the op's own)
-            y = torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias)
-        return y.view(*ctx.x_shape[:-1], w[4])
+            return torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias)
 
     @staticmethod
     def backward(ctx, grad):
         xa, lora_B, *fused = ctx.saved_tensors
-        grad = grad.reshape(-1, ctx.w[4]).contiguous()
+        grad = grad.contiguous()
         need_x, need_xa, need_A, need_B, need_bias, need_rs, _, _ = ctx.needs_input_grad
         x = lora_A = rank_scale = xa_raw = None
         if fused:
@@ -505,13 +506,14 @@ class _QLoRALinear(torch.autograd.Function):
         grad_A = grad_rs = None
         if fused and (need_x or need_A or need_rs):
             g_r = grad @ lora_B  # the gradient of the scaled r-wide activations, then of x A^T
-            if rank_scale is not None:
-                g_r = _cast(g_r, rank_scale.dtype)  # (as autograd would: the scaled product is in its dtype)
+            if rank_scale is not None:  # (as autograd would: the scaled product is in the promoted dtype)
+                g_r = _cast(g_r, torch.promote_types(xa_raw.dtype, rank_scale.dtype))
             g_r = g_r * ctx.scaling
             if rank_scale is not None:
                 if need_rs:
-                    prod = g_r * _cast(xa_raw, rank_scale.dtype)
-                    grad_rs = prod.sum(0) if rank_scale.dim() == 1 else prod.view(rank_scale.shape)
+                    prod = g_r * _cast(xa_raw, g_r.dtype)
+                    grad_rs = _cast(prod.sum(0) if rank_scale.dim() == 1 else prod.view(rank_scale.shape),
+                                    rank_scale.dtype)
                 g_r = _scale_ranks(g_r, rank_scale)
             # the gradient of x A^T, in x's dtype (a backward traced under autocast, as torch.compile
             # does, would give the matmul's 16-bit result: the in-place addmm needs one dtype)

@@ -9,6 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..model.runtime import add_hook
+from ..functional import _cast
+from .autocast import autocast_as, autocast_state
 
 IGNORE = -100
 
@@ -27,6 +29,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             total += ((lse[s:s + chunk] - picked) * valid).sum()
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk, ctx.denom = chunk, denom
+        ctx.autocast = autocast_state()  # the backward's logits must be the forward's, lse belongs to them
         return total / denom
 
     @staticmethod
@@ -37,9 +40,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         scale = g / ctx.denom
+        w_c = None  # the head weight in the logits' dtype, cast once
         for s in range(0, h.shape[0], ctx.chunk):
             hc = h[s:s + ctx.chunk]
-            logits = F.linear(hc, weight, bias)
+            with autocast_as(ctx.autocast):
+                logits = F.linear(hc, weight, bias)
             t = targets[s:s + ctx.chunk]
             # d loss / d logits = softmax - onehot, per valid token: the softmax from the forward's
             # log-sum-exp, in place on the float32 logits (one pass, where softmax takes three)
@@ -47,8 +52,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             d.sub_(lse[s:s + ctx.chunk, None]).exp_()
             d.scatter_add_(1, t.clamp_min(0)[:, None], torch.full_like(d[:, :1], -1.0))
             d = d.mul_(((t != IGNORE) * scale)[:, None]).to(logits.dtype)
-            if need_h:
-                grad_h[s:s + ctx.chunk] = d @ weight
+            if need_h:  # (in the logits' dtype, as autograd's linear backward under autocast)
+                if w_c is None:
+                    w_c = _cast(weight, d.dtype)
+                grad_h[s:s + ctx.chunk] = d @ w_c
             if need_w:
                 grad_w += d.t().float() @ hc.float()
             if need_b:

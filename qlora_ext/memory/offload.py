@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..model.runtime import patch_forward
+from .autocast import autocast_as, autocast_state
 
 
 class _Slot:
@@ -83,8 +84,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, run, offloader, hidden):
         ctx.run, ctx.offloader = run, offloader
         ctx.recompute_ctx = offloader.context_fn()[1] if offloader.context_fn else contextlib.nullcontext()
-        # autocast as the forward had it (torch.utils.checkpoint does the same)
-        ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
+        ctx.autocast = autocast_state()  # (the recompute runs under the same autocast)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         with torch.no_grad():
@@ -104,10 +104,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
-            with contextlib.ExitStack() as stack:
-                for device, enabled, dtype in ctx.autocast:
-                    if enabled:
-                        stack.enter_context(torch.autocast(device, dtype=dtype))
+            with autocast_as(ctx.autocast) as stack:
                 stack.enter_context(ctx.recompute_ctx)
                 with torch.enable_grad():
                     h = hidden.detach().requires_grad_(True)

@@ -149,6 +149,12 @@ class RankAllocator:
                 uncs.append(self.exp_avg_unc[key])
         if not ps:
             return
+        if any(p.dtype not in (torch.float32, torch.float64) for p in ps):  # (a foreach op with a Python
+            for p, g, avg, unc in zip(ps, gs, avgs, uncs):                 # scalar rounds it to 16 bits)
+                ipt = (p * g).abs()
+                avg.copy_(b1 * avg + (1 - b1) * ipt)
+                unc.copy_(b2 * unc + (1 - b2) * (ipt - avg).abs())
+            return
         ipt = torch._foreach_mul(ps, gs)
         torch._foreach_abs_(ipt)
         torch._foreach_mul_(avgs, b1)
@@ -181,11 +187,12 @@ class RankAllocator:
     @torch.no_grad()
     def mask_using_rank_pattern(self, model: nn.Module) -> None:
         if self._drop_masks is None or self._drop_masks[0] is not self.rank_pattern:  # built once per pattern
-            self._drop_masks = (self.rank_pattern, {
-                n: ~torch.tensor(self.rank_pattern[n], device=m.lora_E.device).view(-1, 1)
-                for n, m in self.layers(model).items()})
+            self._drop_masks = (self.rank_pattern, {})
+        masks = self._drop_masks[1]
         for n, m in self.layers(model).items():
-            m.lora_E.masked_fill_(self._drop_masks[1][n], 0.0)
+            if n not in masks or masks[n].device != m.lora_E.device:  # (and again after a device move)
+                masks[n] = ~torch.tensor(self.rank_pattern[n], device=m.lora_E.device).view(-1, 1)
+            m.lora_E.masked_fill_(masks[n], 0.0)
 
 
 def update_and_allocate(model: nn.Module, global_step: int) -> dict[str, list[bool]] | None:

@@ -21,7 +21,9 @@ class TaskGate(nn.Module):
     One gate serves every layer of a model. The prepared model calls :meth:`begin_forward` at the start
     of each forward: the weights are computed once there and shared by all layers, and by gradient
     checkpointing's recomputation, instead of once per layer; the cached value is dropped when the task
-    ids, the gate's parameters (in-place updates) or the grad mode change."""
+    ids or the gate's parameters (in-place updates) change, and not used at all in a forward whose
+    layers run in another grad mode (reentrant checkpointing). Calling the layers outside the model's
+    forward after it (not through it) may get that forward's weights: call :meth:`begin_forward` first."""
 
     def __init__(self, num_tasks: int, embedding_dim: int, num_experts: int) -> None:
         super().__init__()
@@ -31,7 +33,7 @@ class TaskGate(nn.Module):
         nn.init.zeros_(self.gate.weight)  # uniform mixture at the start
         self.task_ids: torch.Tensor | None = None
         self._caching = False  # set by begin_forward: a stand-alone gate recomputes on every call
-        self._cached: tuple | None = None  # (task ids, versions and modes, {"omega" or r: weights})
+        self._cached: tuple | None = None  # (task ids, param versions, grad mode, {"omega" or r: weights})
         self._ranks: set[int] = set()  # the r of the layers it serves (TaskRankScale registers them)
 
     def begin_forward(self) -> None:
@@ -39,17 +41,17 @@ class TaskGate(nn.Module):
         non-reentrant checkpoint's recomputation saves the same tensors as its forward), and served to
         the layers until the next call."""
         self._caching, self._cached = True, None
-        if self.task_ids is not None:
+        if self.task_ids is not None and not torch.compiler.is_compiling():
             for r in self._ranks:
                 self.rank_weights(r)
 
     def snapshot(self) -> tuple:
         """The task ids and this forward's cached weights, for :meth:`restore` (checkpoint recomputation
         after other forwards changed them)."""
-        return self.task_ids, self._cached
+        return self.task_ids, self._caching, self._cached
 
     def restore(self, snapshot: tuple) -> None:
-        self.task_ids, self._cached = snapshot
+        self.task_ids, self._caching, self._cached = snapshot
 
     def set_task_ids(self, task_ids: torch.Tensor | int | None) -> None:
         self._cached = None
@@ -63,7 +65,7 @@ class TaskGate(nn.Module):
             lo, hi = torch.stack([lo, hi]).tolist()  # one device read
             if lo < 0 or hi >= n:
                 raise ValueError(f"task_ids must be in [0, {n}), got values from {lo} to {hi}")
-        self.task_ids = t.to(self.gate.weight.device, non_blocking=True)
+        self.task_ids = t.to(self.gate.weight.device)
 
     def weights(self, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, N) float32 expert weights of ``task_ids`` (default: the current batch's)."""
@@ -89,15 +91,23 @@ class TaskGate(nn.Module):
         return w
 
     def _cache_entry(self, t: torch.Tensor | None) -> dict | None:
-        """The cache of this forward for task ids t (a fresh one when anything it depends on changed),
-        or None when not caching."""
-        if not self._caching or t is None:
+        """This forward's cache for task ids t, or None when not caching; a fresh one when the task ids
+        or the gate's parameters (in place) changed. A layer running in another grad mode than the one
+        the entry was made in turns caching off until the next forward: reentrant checkpointing runs the
+        layers under no_grad and recomputes each in the backward, freeing that layer's graph, so each
+        call must then compute its own weights (as a stand-alone gate does)."""
+        if not self._caching or t is None or torch.compiler.is_compiling():  # (compiled: the graph is the
+            return None                                                      # cache; guards would recompile)
+        versions = (self.task_embedding.weight._version, self.gate.weight._version)
+        grad = torch.is_grad_enabled()
+        c = self._cached
+        if c is not None and c[0] is t and c[1] == versions:
+            if c[2] == grad:
+                return c[3]
+            self._caching = False
             return None
-        key = (self.task_embedding.weight._version, self.gate.weight._version, torch.is_grad_enabled(),
-               torch.is_inference_mode_enabled())
-        if self._cached is None or self._cached[0] is not t or self._cached[1] != key:
-            self._cached = (t, key, {})
-        return self._cached[2]
+        self._cached = (t, versions, grad, {})
+        return self._cached[3]
 
 
 def expand_to_rank(omega: torch.Tensor, r: int) -> torch.Tensor:

@@ -6,8 +6,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..functional import (QuantState, _cast, _check_rank_scale, _check_x, checked_qlora_linear, dequantize_4bit,
-                          op_args, quantize_4bit)
+from ..functional import (QuantState, _cast, _check_rank_scale, _check_same, _check_x, checked_qlora_linear,
+                          dequantize_4bit, op_args, quantize_4bit)
 from .lora import InitLoRA, LoRALayer
 
 
@@ -86,6 +86,9 @@ class QuantLoRALinear(LoRALayer):
         # qlora_linear's checks, less those of what this module owns (the weight, adapter and bias):
         # they run once per weight (op_args), not on every call
         _check_x(xc, self.in_features, self.weight.device)
+        if A is not None and (A.device != xc.device or B.device != xc.device):
+            _check_same(A, "lora_A", xc)
+            _check_same(B, "lora_B", xc)
         rank_scale = self._rank_scale(x) if A is not None else None
         if rank_scale is not None:
             _check_rank_scale(rank_scale, xc, A.shape[0])
