@@ -232,6 +232,21 @@ def _ran_decode_kernel(fn) -> bool:
     return bool(_decode_kernels(fn))
 
 
+def _decode_case(monkeypatch, mode, kernel, dtype, rows, in_f, out_f, bs, dq, qt, device):
+    """QLORA_EXT_GEMV=mode on a fresh random layer: checks that exactly ``kernel`` ran, and returns the
+    operands, the dequantized weight, the output, its float64 reference and the plain-PyTorch output."""
+    monkeypatch.setenv("QLORA_EXT_GEMV", mode)
+    w, x, A, B, b = _operands((rows,), in_f, out_f, 8, dtype, device)
+    packed, state = quantize_4bit(w, blocksize=bs, quant_type=qt, double_quant=dq)
+    with torch.no_grad():
+        assert _decode_kernels(lambda: qlora_linear(x, packed, state, A, B, 0.5, b)) == {kernel}
+        y = qlora_linear(x, packed, state, A, B, 0.5, b)
+        w_deq = dequantize_4bit(packed, state, out_dtype=torch.float32)
+        y64 = ref.qlora_linear(x.double(), w_deq.double(), A.double(), B.double(), 0.5, b.double())
+        yp = torch.nn.functional.linear(x, w_deq.to(dtype), b) + ((x @ A.t()) * 0.5) @ B.t()
+    return x, packed, state, A, B, b, w_deq, y, y64, yp
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows,in_f,out_f,bs,dq,qt", [
@@ -241,15 +256,9 @@ def test_cuda_decode_kernel_matches_reference(cuda_device, monkeypatch, dtype, r
     """QLORA_EXT_GEMV=1: the CUDA-core decode kernel (<= 4 rows, in_features % 32 == 0) runs, and equals
     the float64 reference over the same dequantized weight within the plain-PyTorch error budget (K not a
     multiple of its 1024-element step, out_features not a multiple of its 16 rows, 3 of 4 rows, 1 output)."""
-    monkeypatch.setenv("QLORA_EXT_GEMV", "1")
-    w, x, A, B, b = _operands((rows,), in_f, out_f, 8, dtype, cuda_device)
-    packed, state = quantize_4bit(w, blocksize=bs, quant_type=qt, double_quant=dq)
+    x, packed, state, A, B, b, w_deq, y, y64, yp = _decode_case(monkeypatch, "1", "gemv_4bit_kernel", dtype, rows,
+                                                                in_f, out_f, bs, dq, qt, cuda_device)
     with torch.no_grad():
-        assert _decode_kernels(lambda: qlora_linear(x, packed, state, A, B, 0.5, b)) == {"gemv_4bit_kernel"}
-        y = qlora_linear(x, packed, state, A, B, 0.5, b)
-        w_deq = dequantize_4bit(packed, state, out_dtype=torch.float32)
-        y64 = ref.qlora_linear(x.double(), w_deq.double(), A.double(), B.double(), 0.5, b.double())
-        yp = torch.nn.functional.linear(x, w_deq.to(dtype), b) + ((x @ A.t()) * 0.5) @ B.t()
         monkeypatch.setenv("QLORA_EXT_GEMV", "0")  # the dequantize + cuBLAS path, for comparison
         assert not _ran_decode_kernel(lambda: qlora_linear(x, packed, state, A, B, 0.5, b))
     floor = {torch.float32: 1e-6}.get(dtype, 0.5 * torch.finfo(dtype).eps)
@@ -269,16 +278,10 @@ def test_cuda_tensor_core_decode_kernel_matches_reference(cuda_device, monkeypat
     and two mma N tiles (<= 8 and 9..16 rows), K split over the CTA's warps unevenly (K / 64 not a
     multiple of 4), a partial 16-feature tile, one output, and more tiles than resident CTAs (the
     persistent loop)."""
-    monkeypatch.setenv("QLORA_EXT_GEMV", "tc")
-    w, x, A, B, b = _operands((rows,), in_f, out_f, 8, dtype, cuda_device)
-    packed, state = quantize_4bit(w, blocksize=bs, quant_type=qt, double_quant=dq)
+    x, packed, state, A, B, b, w_deq, y, y64, yp = _decode_case(monkeypatch, "tc", "gemv_4bit_tc_kernel", dtype,
+                                                                rows, in_f, out_f, bs, dq, qt, cuda_device)
     with torch.no_grad():
-        assert _decode_kernels(lambda: qlora_linear(x, packed, state, A, B, 0.5, b)) == {"gemv_4bit_tc_kernel"}
-        y = qlora_linear(x, packed, state, A, B, 0.5, b)
         y_nolora = qlora_linear(x, packed, state, None, None, 0.5, None)
-        w_deq = dequantize_4bit(packed, state, out_dtype=torch.float32)
-        y64 = ref.qlora_linear(x.double(), w_deq.double(), A.double(), B.double(), 0.5, b.double())
-        yp = torch.nn.functional.linear(x, w_deq.to(dtype), b) + ((x @ A.t()) * 0.5) @ B.t()
         y64_nolora = x.double() @ w_deq.double().t()
         yp_nolora = torch.nn.functional.linear(x, w_deq.to(dtype))
     eps = 0.5 * torch.finfo(dtype).eps

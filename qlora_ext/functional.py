@@ -341,9 +341,8 @@ def qlora_linear(
         re-dequantizes W (never keeps it, never forms grad_W) and saves only dropout(x) and the r-wide
         ``x A^T`` besides the 4-bit weight.
     """
-    if len(state.shape) != 2:
-        raise ValueError(f"state.shape must be (out_features, in_features), got {tuple(state.shape)}")
-    out_features, in_features = state.shape
+    w = op_args(packed, state)
+    out_features, in_features = w[4], w[5]
     _check_x(x, in_features, packed.device)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -366,7 +365,7 @@ def qlora_linear(
         if tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must be (out_features,) = ({out_features},), got {tuple(bias.shape)}")
 
-    return checked_qlora_linear(x, op_args(packed, state), lora_A, lora_B, scaling, bias, dropout_p, rank_scale)
+    return checked_qlora_linear(x, w, lora_A, lora_B, scaling, bias, dropout_p, rank_scale)
 
 
 def _check_x(x: torch.Tensor, in_features: int, device: torch.device) -> None:
@@ -410,28 +409,25 @@ def checked_qlora_linear(x: torch.Tensor, w: tuple, lora_A: torch.Tensor | None,
         lora_B = lora_B.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    if not torch.is_grad_enabled():  # inference: the op alone, no autograd Function
+    # fused: the Function forms xa and folds the LoRA input gradient into the base one. Otherwise xa is
+    # formed here: in inference, with dropout, and for a frozen A (the fused form would save x for a
+    # grad_A nobody wants)
+    grad = torch.is_grad_enabled()
+    if grad and lora_A is not None and dropout_p == 0 and lora_A.requires_grad:
+        y = _QLoRALinear.apply(x, None, lora_A, lora_B, bias, rank_scale, scaling, w)
+    else:
         x2 = x.reshape(-1, in_features)
         xa = None
         if lora_A is not None:
-            xa = _form_xa(torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2, lora_A,
-                          rank_scale, scaling)[1]
-        with _ops.below_autograd():
-            return torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias).reshape(*lead, out_features)
-    xa = fused_A = None
-    if lora_A is not None:
-        # xa here, the Function taking it as an input: with dropout, and for a frozen A (the fused form
-        # would save x for a grad_A nobody wants)
-        if dropout_p > 0 or not lora_A.requires_grad:
-            x2 = x.reshape(-1, in_features)
             xa = _form_xa(torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2, lora_A, rank_scale,
                           scaling)[1]
-            rank_scale = None  # (applied)
-        else:
-            fused_A = lora_A  # the Function forms xa and folds the LoRA input gradient into the base one
+        if not grad:  # inference: the op alone, no autograd Function
+            with _ops.below_autograd():
+                return torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias).reshape(*lead, out_features)
+        y = _QLoRALinear.apply(x, xa, None, lora_B, bias, None, scaling, w)
     # (the Function returns the op's 2-D output: a view made inside a Function could not be modified in
     # place by the caller)
-    return _QLoRALinear.apply(x, xa, fused_A, lora_B, bias, rank_scale, scaling, w).view(*lead, out_features)
+    return y.view(*lead, out_features)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
