@@ -143,6 +143,14 @@ def test_training_output_can_be_modified_in_place():
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
+def test_adapter_on_another_device_is_named():
+    """The layer's per-call checks name an adapter that is not on x's device (here: moved to meta)."""
+    layer = QuantLoRALinear.from_linear(_linear(), r=8, compute_dtype=torch.float32)
+    layer.lora_A.weight = nn.Parameter(layer.lora_A.weight.detach().to("meta"))
+    with pytest.raises(ValueError, match="lora_A is on meta but x is on cpu"):
+        layer(torch.randn(2, 96))
+
+
 def test_cached_weight_arguments_follow_the_weight():
     """The layer keeps the 4-bit op arguments between calls: a load_state_dict (also into a layer that
     already ran), a merge (re-quantization) and an in-place copy into the packed bytes all show up in
