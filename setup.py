@@ -57,7 +57,7 @@ def _extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -ffp-contract=off: the host kernels must round like the device ones (no silent FMA).
     cxx = opt + ["-ffp-contract=off"]  # the C++ standard is the one torch asks for
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/composite/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         return cpp_extension.CppExtension(

@@ -102,6 +102,117 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.qlora.linear_4bit.default, (x.requires_grad_(), *quant, xa, B.requires_grad_(), b))
     torch.library.opcheck(torch.ops.qlora.linear_4bit.default, (x, *quant, None, None, None))
     torch.library.opcheck(torch.ops.qlora.linear_4bit_grad_input.default, (torch.randn(9, 70), *quant))
+    lora = (torch.randn(9, 4).requires_grad_(), A.detach().clone().requires_grad_())
+    torch.library.opcheck(torch.ops.qlora.linear_4bit_grad_input.default,
+                          (torch.randn(9, 70).requires_grad_(), *quant, *lora))
+
+
+def _check_grad_input_with_lora_term(dtype, device="cpu"):
+    w, x, A, B, b = _operands((37,), 130, 70, 5, dtype, device)
+    packed, state = quantize_4bit(w, blocksize=64)
+    wd = dequantize_4bit(packed, state, out_dtype=torch.float32).double()
+    g, lg = torch.randn(37, 70, dtype=dtype, device=device), torch.randn(37, 5, dtype=dtype, device=device)
+    got = torch.ops.qlora.linear_4bit_grad_input(g, *_op_quant_args(packed, state), lg, A)
+    want = g.double() @ wd + lg.double() @ A.double()
+    assert got.dtype == dtype and _rel(got, want) < {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+    return g, lg, A, packed, state
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_input_with_lora_term_matches_reference(dtype):
+    """linear_4bit_grad_input(g, W, lora_grad, A) = g W + lora_grad A (the fused backward's input
+    gradient in one op), against float64 over the same dequantized W; gradcheck through it in float64."""
+    g, lg, A, packed, state = _check_grad_input_with_lora_term(dtype)
+    if dtype == torch.float64:
+        leaves = [t.clone().requires_grad_() for t in (g, lg, A)]
+        assert torch.autograd.gradcheck(
+            lambda g, lg, A: torch.ops.qlora.linear_4bit_grad_input(g, *_op_quant_args(packed, state), lg, A), leaves)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_grad_input_with_lora_term_matches_reference(cuda_device, dtype):
+    _check_grad_input_with_lora_term(dtype, cuda_device)
+
+
+def _fused_op_args(dtype=torch.float32, rows=9, in_f=100, out_f=70, r=4, rank_scale=None):
+    w, x, A, B, b = _operands((rows,), in_f, out_f, r, dtype)
+    packed, s = quantize_4bit(w)
+    quant = (packed.flatten(), s.absmax, 64, "nf4", out_f, in_f, s.nested_absmax, s.nested_code,
+             s.offset.reshape(1), 256)
+    return quant, x, A, B, b
+
+
+@pytest.mark.parametrize("rank_scale", [None, "per-rank", "per-row"])
+def test_opcheck_fused_halves(rank_scale):
+    """qlora::lora_linear_4bit_fwd / _bwd (the fused Function's two halves): schema, fake kernels,
+    AOT dispatch, both forms of the backward and a partial output mask."""
+    quant, x, A, B, b = _fused_op_args()
+    rs = {None: None, "per-rank": torch.rand(4) + 0.5, "per-row": torch.rand(3, 3, 4) + 0.5}[rank_scale]
+    torch.library.opcheck(torch.ops.qlora.lora_linear_4bit_fwd.default, (x, *quant, A, B, b, rs, 0.5))
+    y, xa, xa_raw = torch.ops.qlora.lora_linear_4bit_fwd(x, *quant, A, B, b, rs, 0.5)
+    g = torch.randn_like(y)
+    fused_mask = [True, False, True, True, True, rs is not None]
+    torch.library.opcheck(torch.ops.qlora.lora_linear_4bit_bwd.default,
+                          (g, *quant, x, xa, xa_raw, A, B, rs, 0.5, fused_mask))
+    torch.library.opcheck(torch.ops.qlora.lora_linear_4bit_bwd.default,
+                          (g, *quant, x, xa, xa_raw, A, B, rs, 0.5, [False, False, True, False, False, False]))
+    torch.library.opcheck(torch.ops.qlora.lora_linear_4bit_bwd.default,
+                          (g, *quant, None, xa, None, None, B, None, 0.5, [True, True, False, True, True, False]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["fused", "per-rank", "per-row", "expanded", "xa-outside"])
+def test_backward_op_equals_differentiable_backward(dtype, form):
+    """The C++ backward (qlora::lora_linear_4bit_bwd, a plain backward) and the Function's differentiable
+    Python backward (taken under create_graph) compute the same steps: the same gradients to a few ulps
+    (16-bit: the C++ op keeps its products in x's dtype, as the Python one does outside autocast)."""
+    lead, in_f, out_f, r = (2, 5), 96, 40, 6
+    w, x, A, B, b = _operands(lead, in_f, out_f, r, dtype)
+    packed, state = quantize_4bit(w.float(), blocksize=32)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    s = {"fused": None, "xa-outside": None, "per-rank": torch.rand(r, dtype=sdt) + 0.5,
+         "per-row": torch.rand(*lead, r, dtype=sdt) + 0.5,
+         "expanded": (torch.rand(lead[0], 1, r, dtype=sdt) + 0.5).expand(*lead, r)}[form]
+    leaves = [t.clone().requires_grad_(not (form == "xa-outside" and i == 1)) for i, t in enumerate((x, A, B, b))]
+    leaves += [s.clone().requires_grad_()] if s is not None else []
+    y = qlora_linear(leaves[0], packed, state, leaves[1], leaves[2], 0.7, leaves[3],
+                     rank_scale=leaves[4] if s is not None else None)
+    g = torch.randn_like(y)
+    want = [t for t in leaves if t.requires_grad]
+    by_op = torch.autograd.grad(y, want, g, retain_graph=True)
+    differentiable = torch.autograd.grad(y, want, g, create_graph=True)
+    tol = {torch.float64: 1e-13, torch.float32: 1e-6}.get(dtype, 1e-2)
+    for a, c in zip(by_op, differentiable):
+        assert a.dtype == c.dtype and a.shape == c.shape
+        assert _rel(a, c) < tol
+
+
+def test_fused_halves_check_their_arguments():
+    quant, x, A, B, b = _fused_op_args()
+    fwd = torch.ops.qlora.lora_linear_4bit_fwd
+    with pytest.raises(ValueError, match=r"x must be 2-D \(rows, in_features = 100\)"):
+        fwd(x[:, :99], *quant, A, B, b, None, 1.0)
+    with pytest.raises(ValueError, match=r"lora_A must be \(r, in_features\) = \(r >= 1, 100\)"):
+        fwd(x, *quant, A[:, :50], B, b, None, 1.0)
+    with pytest.raises(ValueError, match=r"lora_B must be \(out_features, r\) = \(70, 4\)"):
+        fwd(x, *quant, A, B[:, :3], b, None, 1.0)
+    with pytest.raises(TypeError, match="lora_B must be .*Float.*x's dtype"):
+        fwd(x, *quant, A, B.double(), b, None, 1.0)
+    with pytest.raises(ValueError, match=r"rank_scale must be \(r,\) = \(4,\) or \(\*lead, r\)"):
+        fwd(x, *quant, A, B, b, torch.ones(5), 1.0)
+    with pytest.raises(TypeError, match="rank_scale must be a floating-point tensor"):
+        fwd(x, *quant, A, B, b, torch.ones(4, dtype=torch.long), 1.0)
+    y, xa, xa_raw = fwd(x, *quant, A, B, b, None, 1.0)
+    bwd = torch.ops.qlora.lora_linear_4bit_bwd
+    with pytest.raises(ValueError, match=r"grad must be 2-D \(rows, out_features = 70\)"):
+        bwd(y[:, :69], *quant, x, xa, xa_raw, A, B, None, 1.0, [True] + [False] * 5)
+    with pytest.raises(ValueError, match="x must be given with lora_A"):
+        bwd(y, *quant, None, xa, xa_raw, A, B, None, 1.0, [True] + [False] * 5)
+    with pytest.raises(ValueError, match="x has 8 rows but grad 9"):
+        bwd(y, *quant, x[:8], xa, xa_raw, A, B, None, 1.0, [True] + [False] * 5)
+    with pytest.raises(ValueError, match="no xa input"):
+        bwd(y, *quant, x, xa, xa_raw, A, B, None, 1.0, [False, True] + [False] * 4)
 
 
 def test_dropout_uses_the_same_mask_as_the_reference():
@@ -198,6 +309,15 @@ class TestBadInput:
             torch.ops.qlora.linear_4bit(self.x, *quant, torch.randn(4, 4), self.B, None)
         with pytest.raises(TypeError, match="x must be float32"):
             torch.ops.qlora.linear_4bit(self.x.int(), *quant)
+        g = torch.randn(3, 32)
+        with pytest.raises(ValueError, match="lora_grad and lora_A must be given together"):
+            torch.ops.qlora.linear_4bit_grad_input(g, *quant, torch.randn(3, 4), None)
+        with pytest.raises(ValueError, match=r"lora_grad must be \(rows, r\) with rows = 3"):
+            torch.ops.qlora.linear_4bit_grad_input(g, *quant, torch.randn(2, 4), self.A)
+        with pytest.raises(ValueError, match=r"lora_A must be \(r, in_features\) = \(4, 64\)"):
+            torch.ops.qlora.linear_4bit_grad_input(g, *quant, torch.randn(3, 4), self.A[:, :60])
+        with pytest.raises(TypeError, match="lora_A must be .*grad's dtype"):
+            torch.ops.qlora.linear_4bit_grad_input(g, *quant, torch.randn(3, 4), self.A.double())
 
 
 @pytest.mark.cuda

@@ -2,8 +2,8 @@
 4-bit weight and adapter (CPU; skips only without peft or bitsandbytes).
 
 in_features is a multiple of the blocksize here: bitsandbytes 0.50.2's CPU dequantize_4bit (its C++
-kernel, taken for even last dimensions) assumes blocks never cross rows and mis-decodes other shapes,
-e.g. (96, 160) at blocksize 64 -- see test_bitsandbytes_cpu_dequantize_bug_is_real below."""
+kernel, taken for even last dimensions) can assume blocks never cross rows and mis-decode other shapes,
+e.g. (96, 160) at blocksize 64, depending on the CPU -- see the last test below."""
 from __future__ import annotations
 
 import pytest
@@ -56,17 +56,24 @@ def test_matches_bitsandbytes_linear4bit_with_peft_lora(quant_type, use_rslora):
     assert torch.equal(ours.quant_state.absmax, state.absmax)
 
 
-def test_bitsandbytes_cpu_dequantize_bug_is_real():
+def test_bitsandbytes_cpu_dequantize_differs_only_in_blocks_across_rows():
     """Documents why the test above avoids in_features % blocksize != 0: for such shapes (even last
-    dimension) bitsandbytes' CPU kernel disagrees with the format, which ours and its CUDA kernel follow."""
+    dimension) bitsandbytes' CPU kernel may disagree with the format, which ours and its CUDA kernel
+    follow. Whether it does depends on the CPU (its vectorized path assumes blocks do not cross rows; seen
+    on an AVX-512 machine, while an AVX2 machine decoded by the format), so the test checks the bug's
+    signature: every element it decodes differently lies in a block that crosses a row."""
     import bitsandbytes.functional as BF
 
     from qlora_ext import reference as ref
     from qlora_ext.functional import dequantize_4bit
 
-    w = torch.randn(96, 160)
-    packed, state_b = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    rows, cols, bs = 96, 160, 64
+    w = torch.randn(rows, cols)
+    packed, state_b = BF.quantize_4bit(w, blocksize=bs, quant_type="nf4")
     ours = dequantize_4bit(packed, QuantState.from_dict(state_b.as_dict(packed=True)))
-    expected = ref.dequantize_4bit(packed.flatten(), state_b.absmax, 64, "nf4", (96, 160), torch.float32)
+    expected = ref.dequantize_4bit(packed.flatten(), state_b.absmax, bs, "nf4", (rows, cols), torch.float32)
     assert torch.equal(ours, expected)
-    assert not torch.equal(BF.dequantize_4bit(packed, state_b), expected)
+    start = torch.arange(rows * cols) // bs * bs  # first element of each element's block
+    crosses_a_row = (start // cols) != ((start + bs - 1) // cols)
+    differs = (BF.dequantize_4bit(packed, state_b) != expected).flatten()
+    assert not (differs & ~crosses_a_row).any()

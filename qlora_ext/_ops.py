@@ -76,11 +76,42 @@ def _linear_4bit_fake(x, packed, absmax, blocksize, quant_type, out_features, in
 
 @torch.library.register_fake("qlora::linear_4bit_grad_input")
 def _linear_4bit_grad_input_fake(grad, packed, absmax, blocksize, quant_type, out_features, in_features,
-                                 nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+                                 nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256,
+                                 lora_grad=None, lora_A=None):
     torch._check(grad.dim() == 2, lambda: f"grad must be 2-D (rows, out_features), got {grad.dim()} dimensions")
     torch._check(grad.shape[1] == out_features,
                  lambda: f"grad must have out_features = {out_features} columns, got {grad.shape[1]}")
+    torch._check((lora_grad is None) == (lora_A is None), lambda: "lora_grad and lora_A must be given together")
     return grad.new_empty((grad.shape[0], in_features))
+
+
+@torch.library.register_fake("qlora::lora_linear_4bit_fwd")
+def _lora_linear_4bit_fwd_fake(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
+                               nested_code, offset, nested_blocksize, lora_A, lora_B, bias, rank_scale, scaling):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D (rows, in_features), got {x.dim()} dimensions")
+    torch._check(x.shape[1] == in_features, lambda: f"x must have in_features = {in_features} columns, got {x.shape[1]}")
+    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == in_features,
+                 lambda: f"lora_A must be (r, in_features = {in_features}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    torch._check(tuple(lora_B.shape) == (out_features, r),
+                 lambda: f"lora_B must be (out_features, r) = ({out_features}, {r}), got {tuple(lora_B.shape)}")
+    rows = x.shape[0]
+    return x.new_empty((rows, out_features)), x.new_empty((rows, r)), x.new_empty((rows, r))
+
+
+@torch.library.register_fake("qlora::lora_linear_4bit_bwd")
+def _lora_linear_4bit_bwd_fake(grad, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
+                               nested_code, offset, nested_blocksize, x, xa, xa_raw, lora_A, lora_B, rank_scale,
+                               scaling, output_mask):
+    torch._check(grad.dim() == 2 and grad.shape[1] == out_features,
+                 lambda: f"grad must be 2-D (rows, out_features = {out_features}), got {tuple(grad.shape)}")
+    rows, r = grad.shape[0], lora_B.shape[1]
+    shapes = ((rows, in_features), (rows, r), (r, in_features), (out_features, r), (out_features,),
+              None if rank_scale is None else tuple(rank_scale.shape))
+    dtypes = (grad.dtype, grad.dtype, None if lora_A is None else lora_A.dtype, grad.dtype, grad.dtype,
+              None if rank_scale is None else rank_scale.dtype)
+    return tuple(grad.new_empty(shape, dtype=dtype) if need else grad.new_empty((0,))
+                 for need, shape, dtype in zip(output_mask, shapes, dtypes))
 
 
 def _linear_4bit_setup_context(ctx, inputs, output):
@@ -134,16 +165,23 @@ torch.library.register_autograd(
 
 def _grad_input_setup_context(ctx, inputs, output):
     ctx.meta = inputs[3:7] + inputs[10:11]  # blocksize, quant_type, out, in, nested_blocksize
-    ctx.save_for_backward(*inputs[1:3], *inputs[7:10])
+    ctx.has_lora = inputs[11] is not None
+    ctx.save_for_backward(*inputs[1:3], *inputs[7:10], *inputs[11:13])
 
 
 def _grad_input_backward(ctx, gg):
-    # (g W) is linear in g, so d/dg applied to gg is gg W^T: the forward op without its LoRA term
-    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    # (g W + lora_grad A) is linear in g, so d/dg applied to gg is gg W^T: the forward op without its
+    # LoRA term; lora_grad and A get gg A^T and lora_grad^T gg
+    packed, absmax, nested_absmax, nested_code, offset, lora_grad, lora_A = ctx.saved_tensors
     blocksize, quant_type, out_features, in_features, nested_blocksize = ctx.meta
-    g = torch.ops.qlora.linear_4bit(gg.contiguous(), packed, absmax, blocksize, quant_type, out_features,
-                                    in_features, nested_absmax, nested_code, offset, nested_blocksize)
-    return (g,) + (None,) * 10
+    need = ctx.needs_input_grad
+    g = None
+    if need[0]:
+        g = torch.ops.qlora.linear_4bit(gg.contiguous(), packed, absmax, blocksize, quant_type, out_features,
+                                        in_features, nested_absmax, nested_code, offset, nested_blocksize)
+    g_lora = gg @ lora_A.t() if ctx.has_lora and need[11] else None
+    g_A = lora_grad.t() @ gg if ctx.has_lora and need[12] else None
+    return (g,) + (None,) * 10 + (g_lora, g_A)
 
 
 torch.library.register_autograd(

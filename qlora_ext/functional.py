@@ -405,25 +405,29 @@ def checked_qlora_linear(x: torch.Tensor, w: tuple, lora_A: torch.Tensor | None,
     layers' hot path: they check what can change between calls and skip the rest)."""
     out_features, in_features = w[4], w[5]
     lead = x.shape[:-1]
-    if lora_A is not None:
-        lora_B = lora_B.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-    # fused: the Function forms xa and folds the LoRA input gradient into the base one. Otherwise xa is
-    # formed here: in inference, with dropout, and for a frozen A (the fused form would save x for a
-    # grad_A nobody wants)
     grad = torch.is_grad_enabled()
-    if grad and lora_A is not None and dropout_p == 0 and lora_A.requires_grad:
-        y = _QLoRALinear.apply(x, None, lora_A, lora_B, bias, rank_scale, scaling, w)
+    # fused (one C++ op forward, one backward: qlora::lora_linear_4bit_fwd / _bwd): training with A trained
+    # and no dropout, and inference. Otherwise xa is formed here, with autograd: with dropout, and for a
+    # frozen A (the fused form would save x for a grad_A nobody wants)
+    if lora_A is not None and dropout_p == 0 and (not grad or lora_A.requires_grad):
+        if grad:
+            y = _QLoRALinear.apply(x, None, lora_A, lora_B, bias, rank_scale, scaling, w)
+        else:  # inference: the op alone, no autograd Function
+            with _ops.below_autograd():
+                return torch.ops.qlora.lora_linear_4bit_fwd(x.reshape(-1, in_features), *w, lora_A, lora_B, bias,
+                                                            rank_scale, scaling)[0].view(*lead, out_features)
     else:
         x2 = x.reshape(-1, in_features)
         xa = None
         if lora_A is not None:
+            lora_B = lora_B.contiguous()
             xa = _form_xa(torch.nn.functional.dropout(x2, dropout_p) if dropout_p > 0 else x2, lora_A, rank_scale,
                           scaling)[1]
+        if bias is not None:
+            bias = bias.contiguous()
         if not grad:  # inference: the op alone, no autograd Function
             with _ops.below_autograd():
-                return torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias).reshape(*lead, out_features)
+                return torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias).view(*lead, out_features)
         y = _QLoRALinear.apply(x, xa, None, lora_B, bias, None, scaling, w)
     # (the Function returns the op's 2-D output: a view made inside a Function could not be modified in
     # place by the caller)
@@ -455,38 +459,53 @@ def _form_xa(x2: torch.Tensor, lora_A: torch.Tensor, rank_scale: torch.Tensor | 
 class _QLoRALinear(torch.autograd.Function):
     """The thin autograd wrapper qlora_linear uses: the same forward and backward as the op's own
     registered autograd (qlora_ext/_ops.py, which direct op users and opcheck exercise), without its
-    per-call schema walk (~70 us of Python per forward + backward; it matters when launches bound the
-    step): the op calls dispatch below the Autograd key, where the op's Python autograd kernel would
-    otherwise run again (~40 us a call on this 2-core machine). Differentiable twice: the backward is
-    built from differentiable ops (under create_graph the op's own autograd is kept).
+    per-call schema walk: the op calls dispatch below the Autograd key, where the op's Python autograd
+    kernel would otherwise run again. Differentiable twice: under create_graph the backward is built from
+    differentiable ops (:meth:`differentiable_backward`, with the op's own autograd).
 
-    Two forms. Given ``xa`` (the r-wide ``scaling * (dropout(x) A^T) * rank_scale``, computed outside),
-    it saves xa and B. Given ``lora_A`` instead (no dropout, A trained: the common training call, with
-    or without a ``rank_scale``), it computes xa itself and its backward adds the LoRA path's input
-    gradient into the base one in the same GEMM (``grad_x = g W + s ((g B) * rank_scale) A``, one addmm)
-    and forms grad_A and grad_rank_scale, where autograd would otherwise run separate matmul, scaling
-    and rank-scaling nodes and an elementwise sum over grad_x; it saves x for grad_A, as that matmul
-    node would, and ``x A^T`` for grad_rank_scale."""
+    Two forms. Given ``lora_A`` (no dropout, A trained: the common training call, with or without a
+    ``rank_scale``), forward and backward are one C++ op each (``qlora::lora_linear_4bit_fwd`` / ``_bwd``,
+    ``csrc/composite/``): it forms the r-wide ``xa = scaling * (x A^T) * rank_scale`` itself, its backward
+    adds the LoRA path's input gradient into the base one in the same GEMM (``grad_x = g W + s ((g B) *
+    rank_scale) A``, one addmm) and forms grad_A and grad_rank_scale, where autograd would run a dozen
+    nodes from Python (8-40 us of host time each: more than a mid-sized layer's GPU work). It saves x for
+    grad_A, as a matmul node would, and ``x A^T`` for grad_rank_scale. Given ``xa`` (formed outside, with
+    autograd: dropout, a frozen A), it saves xa and B, never x, never W."""
 
     @staticmethod
     def forward(ctx, x, xa, lora_A, lora_B, bias, rank_scale, scaling, w):  # w: the 4-bit weight's op arguments
         # x: (..., in_features), flattened here (not by the caller: no autograd view nodes around it)
         ctx.w, ctx.scaling, ctx.x_shape = w, scaling, x.shape
         x2 = x.reshape(-1, w[5])
-        if lora_A is not None:
-            xa_raw, xa = _form_xa(x2, lora_A, rank_scale, scaling)
-            # x itself, not its flat view: a double backward differentiates through it
-            if rank_scale is None:
-                ctx.save_for_backward(xa, lora_B, x, lora_A)
-            else:
-                ctx.save_for_backward(xa, lora_B, x, lora_A, rank_scale, xa_raw)
-        else:
-            ctx.save_for_backward(xa, lora_B)  # the r-wide activations and B; never x, never W
         with _ops.below_autograd():  # (this Function is the autograd: skip the op's own)
-            return torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias)
+            if lora_A is None:
+                ctx.save_for_backward(xa, lora_B)
+                return torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias)
+            y, xa, xa_raw = torch.ops.qlora.lora_linear_4bit_fwd(x2, *w, lora_A, lora_B, bias, rank_scale, scaling)
+        # x itself, not its flat view: a double backward differentiates through it
+        if rank_scale is None:
+            ctx.save_for_backward(xa, lora_B, x, lora_A)
+        else:
+            ctx.save_for_backward(xa, lora_B, x, lora_A, rank_scale, xa_raw)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph: a backward autograd can differentiate again
+            return _QLoRALinear.differentiable_backward(ctx, grad)
+        xa, lora_B, *fused = ctx.saved_tensors
+        x, lora_A, rank_scale, xa_raw = (*fused, None, None)[:4] if fused else (None,) * 4
+        mask = list(ctx.needs_input_grad[:6])
+        with _ops.below_autograd():
+            grads = torch.ops.qlora.lora_linear_4bit_bwd(grad, *ctx.w, x, xa, xa_raw, lora_A, lora_B, rank_scale,
+                                                         ctx.scaling, mask)
+        grad_x, *rest = (g if need else None for g, need in zip(grads, mask))
+        return (grad_x.view(ctx.x_shape) if grad_x is not None else None, *rest, None, None)
+
+    @staticmethod
+    def differentiable_backward(ctx, grad):
+        """The backward from differentiable ops (for a double backward): the same math as the C++
+        ``lora_linear_4bit_bwd``, step for step (the tests compare the two)."""
         xa, lora_B, *fused = ctx.saved_tensors
         grad = grad.contiguous()
         need_x, need_xa, need_A, need_B, need_bias, need_rs, _, _ = ctx.needs_input_grad
@@ -494,9 +513,8 @@ class _QLoRALinear(torch.autograd.Function):
         if fused:
             x, lora_A, *rs = fused
             x = x.reshape(-1, ctx.w[5])
-            rank_scale, xa_raw = rs or (None, None)
-            if torch.is_grad_enabled():  # a double backward: xa again, now with its graph to x, A, rank_scale
-                xa_raw, xa = _form_xa(x, lora_A, rank_scale, ctx.scaling)
+            rank_scale = rs[0] if rs else None
+            xa_raw, xa = _form_xa(x, lora_A, rank_scale, ctx.scaling)  # xa again, with its graph to x, A, rank_scale
         grad_x, grad_xa, grad_B, grad_bias = _ops.linear_4bit_grads(grad, ctx.w, xa, lora_B, need_x,
                                                                     need_xa and not fused, need_B, need_bias)
         grad_A = grad_rs = None
@@ -512,13 +530,12 @@ class _QLoRALinear(torch.autograd.Function):
                                     rank_scale.dtype)
                 g_r = _scale_ranks(g_r, rank_scale)
             # the gradient of x A^T, in x's dtype (a backward traced under autocast, as torch.compile
-            # does, would give the matmul's 16-bit result: the in-place addmm needs one dtype)
+            # does, would give the matmul's 16-bit result)
             g_lora = _cast(g_r, x.dtype)
             if need_A:
                 grad_A = _cast(g_lora.t() @ x, lora_A.dtype)
-            if need_x:  # in place when nothing differentiates through it (a double backward does)
-                grad_x = (_cast(torch.addmm(grad_x, g_lora, lora_A), x.dtype) if torch.is_grad_enabled()
-                          else grad_x.addmm_(g_lora, lora_A))
+            if need_x:
+                grad_x = _cast(torch.addmm(grad_x, g_lora, lora_A), x.dtype)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, grad_xa, grad_A, grad_B, grad_bias, grad_rs, None, None

@@ -172,6 +172,25 @@ inline void check_linear_4bit_extras(const at::Tensor& x, int64_t out_features,
   }
 }
 
+// The LoRA operands of linear_4bit_grad_input, against grad (rows, out) and in_features.
+inline void check_linear_4bit_grad_extras(const at::Tensor& grad, int64_t in_features,
+                                          const std::optional<at::Tensor>& lora_grad,
+                                          const std::optional<at::Tensor>& lora_A) {
+  TORCH_CHECK_VALUE(lora_grad.has_value() == lora_A.has_value(), "lora_grad and lora_A must be given together");
+  if (!lora_grad) return;
+  for (const at::Tensor* t : {&*lora_grad, &*lora_A}) {
+    const char* name = t == &*lora_grad ? "lora_grad" : "lora_A";
+    TORCH_CHECK_TYPE(t->scalar_type() == grad.scalar_type(), name, " must be ", grad.scalar_type(),
+                     " (grad's dtype), got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == grad.device(), name, " must be on ", grad.device(), ", got ", t->device());
+  }
+  TORCH_CHECK_VALUE(lora_grad->dim() == 2 && lora_grad->size(0) == grad.size(0), "lora_grad must be (rows, r) with rows = ",
+                    grad.size(0), ", got ", lora_grad->sizes());
+  TORCH_CHECK_VALUE(lora_A->dim() == 2 && lora_A->size(0) == lora_grad->size(1) && lora_A->size(1) == in_features,
+                    "lora_A must be (r, in_features) = (", lora_grad->size(1), ", ", in_features, "), got ",
+                    lora_A->sizes());
+}
+
 // Hyper-parameters and tensor lists of the AdamW ops; `states_dtype` is float32 or uint8 (8-bit).
 inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList m, at::TensorList v,
                              at::ScalarType states_dtype, double lr, double beta1, double beta2, double eps,

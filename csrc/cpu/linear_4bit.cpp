@@ -1,4 +1,5 @@
-// CPU kernels: the 4-bit linear (y = x W^T + lora_xa B^T + bias) and its input gradient (g W).
+// CPU kernels: the 4-bit linear (y = x W^T + lora_xa B^T + bias) and its input gradient
+// (g W + lora_grad A).
 // Up to kCpuGemvMaxRows rows of float32 x (decode): gemv_4bit.cpp, cache-sized chunks of W and dot
 // products (QLORA_EXT_GEMV=0 turns it off, as on CUDA); 16-bit x keeps the tile path, whose 16-bit GEMM
 // beat it here from 4 rows (bench/RESULTS.md). Otherwise blocked over rows of W: dequantize a tile of W (about 4M elements) into a reused buffer, multiply
@@ -7,6 +8,7 @@
 // exceed 4M elements; for usual layers (in_features a multiple of 64) W never exists whole above 4M.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -100,11 +102,15 @@ at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& grad, const at::Tensor& 
                                       int64_t blocksize, const std::string& quant_type, int64_t out_features,
                                       int64_t in_features, const std::optional<at::Tensor>& nested_absmax,
                                       const std::optional<at::Tensor>& nested_code,
-                                      const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+                                      const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                                      const std::optional<at::Tensor>& lora_grad,
+                                      const std::optional<at::Tensor>& lora_A) {
   check_activation(grad, "grad", out_features, "out_features", /*allow_double=*/true);
+  check_linear_4bit_grad_extras(grad, in_features, lora_grad, lora_A);
   const LinearSetup s = setup(grad, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
                               nested_code, offset, nested_blocksize);
-  at::Tensor gx = at::zeros({grad.size(0), in_features}, grad.options());
+  // gx starts as the LoRA term (or zeros) and each tile's GEMM accumulates onto it
+  at::Tensor gx = lora_grad ? at::mm(*lora_grad, *lora_A) : at::zeros({grad.size(0), in_features}, grad.options());
   for_each_weight_tile(s.w, out_features, in_features, s.tile_dtype, grad.options(),
                        [&](int64_t o0, int64_t o1, const at::Tensor& tile) {
                          gx.addmm_(grad.narrow(1, o0, o1 - o0), tile.to(grad.scalar_type()));

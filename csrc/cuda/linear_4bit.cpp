@@ -1,6 +1,7 @@
 // CUDA glue of the 4-bit linear and its input gradient.
 // - Training path (any row count): dequantize W with the bandwidth-bound kernel of dequantize.cu into a
-//   transient tensor (freed on return, so one layer's W at most is alive), then cuBLAS through ATen.
+//   transient tensor (freed on return, so one layer's W at most is alive), then cuBLAS through ATen; a
+//   LoRA term is computed first and the base GEMM accumulates onto it (beta = 1).
 // - Decode paths, one launch reading the packed weight once (16-byte aligned x and packed):
 //   gemv_4bit_tc.cu on tensor cores (fp16/bf16, <= kGemvTcMaxRows rows, in_features % 64 == 0,
 //   blocksize >= 64, compute capability >= 8.0) and gemv_4bit.cu on CUDA cores (<= kGemvMaxRows rows,
@@ -111,20 +112,27 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   }
   const at::Tensor w = dense_weight(x, packed, absmax, blocksize, quant_type, out_features, in_features,
                                     nested_absmax, nested_code, offset, nested_blocksize);
-  at::Tensor y = bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
-  if (lora_xa) y.addmm_(*lora_xa, lora_B->t());
-  return y;
+  if (!lora_xa) return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+  // the small LoRA GEMM first, then the base GEMM accumulates onto it (beta = 1, read in its epilogue):
+  // one pass over y fewer than adding the LoRA term after the base GEMM
+  at::Tensor y = bias ? at::addmm(*bias, *lora_xa, lora_B->t()) : at::mm(*lora_xa, lora_B->t());
+  return y.addmm_(x, w.t());
 }
 
 at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad, const at::Tensor& packed, const at::Tensor& absmax,
                                        int64_t blocksize, const std::string& quant_type, int64_t out_features,
                                        int64_t in_features, const std::optional<at::Tensor>& nested_absmax,
                                        const std::optional<at::Tensor>& nested_code,
-                                       const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+                                       const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                                       const std::optional<at::Tensor>& lora_grad,
+                                       const std::optional<at::Tensor>& lora_A) {
   check_activation(grad, "grad", out_features, "out_features", /*allow_double=*/false);
+  check_linear_4bit_grad_extras(grad, in_features, lora_grad, lora_A);
   const c10::cuda::CUDAGuard guard(grad.device());
-  return at::mm(grad, dense_weight(grad, packed, absmax, blocksize, quant_type, out_features, in_features,
-                                   nested_absmax, nested_code, offset, nested_blocksize));
+  const at::Tensor w = dense_weight(grad, packed, absmax, blocksize, quant_type, out_features, in_features,
+                                    nested_absmax, nested_code, offset, nested_blocksize);
+  if (!lora_grad) return at::mm(grad, w);
+  return at::mm(*lora_grad, *lora_A).addmm_(grad, w);  // (as in the forward: the base GEMM accumulates)
 }
 
 }  // namespace
