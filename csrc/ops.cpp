@@ -36,8 +36,9 @@ TORCH_LIBRARY(qlora, m) {
 
   // The two halves of qlora_linear's fused autograd Function (qlora_ext/functional.py), one call each.
   // Forward: y = x W^T + bias + ((x A^T) * rank_scale * scaling) B^T for 2-D x (rows, in_features), the
-  // 4-bit W as in linear_4bit; also returns xa (the r-wide term, in x's dtype) and xa_raw = x A^T, which
-  // the backward takes. rank_scale: (r,) or (*lead, r) with prod(lead) = rows. Not differentiable itself.
+  // 4-bit W as in linear_4bit; also returns xa (the r-wide term, in x's dtype) and, with a rank_scale,
+  // xa_raw = x A^T (else empty), which the backward takes. rank_scale: (r,) or (*lead, r) with prod(lead)
+  // = rows. Not differentiable itself.
   m.def(
       "lora_linear_4bit_fwd(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, "
       "SymInt out_features, SymInt in_features, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "

@@ -96,7 +96,8 @@ def _lora_linear_4bit_fwd_fake(x, packed, absmax, blocksize, quant_type, out_fea
     torch._check(tuple(lora_B.shape) == (out_features, r),
                  lambda: f"lora_B must be (out_features, r) = ({out_features}, {r}), got {tuple(lora_B.shape)}")
     rows = x.shape[0]
-    return x.new_empty((rows, out_features)), x.new_empty((rows, r)), x.new_empty((rows, r))
+    xa_raw = x.new_empty((rows, r) if rank_scale is not None else (0,))
+    return x.new_empty((rows, out_features)), x.new_empty((rows, r)), xa_raw
 
 
 @torch.library.register_fake("qlora::lora_linear_4bit_bwd")

@@ -65,6 +65,12 @@ at::Tensor linear_4bit_grad_input(const at::Tensor& grad, const Weight4bit& w, c
 
 at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
+// alpha * (a @ b) in one GEMM (beta = 0: the output's initial contents are ignored)
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
+}
+
 // (rows, r) * rank_scale, rank_scale (r,) or (*lead, r) with rows = prod(lead): an expanded rank_scale
 // (one gate per sample, as MoE-LoRA's) broadcasts without being materialized.
 at::Tensor scale_ranks(const at::Tensor& t, const at::Tensor& rank_scale) {
@@ -101,7 +107,7 @@ void check_adapter(const at::Tensor& x, int64_t in_features, int64_t out_feature
 }
 
 // y = x W^T + bias + ((x A^T) * rank_scale * scaling) B^T; also returns xa (the r-wide term the base op
-// took, in x's dtype) and xa_raw = x A^T: what the backward saves.
+// took, in x's dtype) and, with a rank_scale, xa_raw = x A^T (empty without): what the backward saves.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_4bit_fwd(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
     const std::string& quant_type, c10::SymInt out_features, c10::SymInt in_features, const OptTensor& nested_absmax,
@@ -114,8 +120,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_4bit_fwd(
   check_adapter(x, in_f, out_f, lora_A, lora_B, rank_scale);
   const Weight4bit w{packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax, nested_code,
                      offset, nested_blocksize};
-  at::Tensor xa_raw = at::mm(x, lora_A.t());
-  at::Tensor xa = cast((rank_scale ? scale_ranks(xa_raw, *rank_scale) : xa_raw) * scaling, x.scalar_type());
+  at::Tensor xa, xa_raw;
+  if (rank_scale) {
+    xa_raw = at::mm(x, lora_A.t());
+    xa = cast(scale_ranks(xa_raw, *rank_scale) * scaling, x.scalar_type());
+  } else {  // the scaling as the GEMM's alpha: one launch, one rounding; no x A^T to keep
+    xa = scaled_mm(x, lora_A.t(), scaling);
+    xa_raw = at::empty({0}, x.options());
+  }
   OptTensor b = bias ? OptTensor(bias->contiguous()) : std::nullopt;
   at::Tensor y = linear_4bit(x, w, xa, lora_B.contiguous(), b);
   return {std::move(y), std::move(xa), std::move(xa_raw)};
@@ -154,11 +166,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor x = x_in->reshape({-1, in_f});
     TORCH_CHECK_VALUE(x.size(0) == grad.size(0), "x has ", x.size(0), " rows but grad ", grad.size(0));
     check_adapter(x, in_f, out_f, *lora_A, lora_B, rank_scale);
-    at::Tensor g_r = at::mm(grad, lora_B);  // the gradient of the scaled r-wide activations, then of x A^T
-    if (rank_scale)  // (as autograd would: the scaled product is in the promoted dtype)
-      g_r = cast(g_r, at::promote_types(xa_raw->scalar_type(), rank_scale->scalar_type()));
-    g_r = g_r * scaling;
-    if (rank_scale) {
+    // the gradient of the scaled r-wide activations, then of x A^T
+    at::Tensor g_r;
+    if (!rank_scale) {
+      g_r = scaled_mm(grad, lora_B, scaling);
+    } else {  // (as autograd would: the scaled product is in the promoted dtype)
+      g_r = cast(at::mm(grad, lora_B), at::promote_types(xa_raw->scalar_type(), rank_scale->scalar_type())) * scaling;
       if (need_rs) {
         const at::Tensor prod = g_r * cast(*xa_raw, g_r.scalar_type());
         grad_rs = cast(rank_scale->dim() == 1 ? prod.sum(0) : prod.view(rank_scale->sizes()),
