@@ -66,6 +66,9 @@ kbudget() { local l=$(( KERNELS_S - SECONDS + K0 )); (( l > $1 )) && l=$1; (( l 
 # the issues' targets read off the rows at the end
 timeout "$(kbudget 180)" python3 bench/profile_gpu.py --json "$OUT_DIR/profile.json" 2>&1 | grep -v Warning \
   | tee "$OUT_DIR/profile.txt" | tail -75
+stage "host time per layer call (tiny shape: launch overhead only)"
+timeout "$(kbudget 40)" python3 bench/host_overhead.py --json "$OUT_DIR/host_overhead.json" 2>&1 \
+  | tee "$OUT_DIR/host_overhead.txt" | tail -10
 stage "linear layer vs dense and bitsandbytes + PEFT"
 timeout "$(kbudget 120)" python3 bench/linear_speed.py --json "$OUT_DIR/linear_speed.json" 2>&1 \
   | tee "$OUT_DIR/linear_speed.txt" | tail -30
@@ -82,7 +85,8 @@ fi
 
 if [ "$PART" != kernels ]; then
 stage "headline (time-boxed): 65B and 8B shapes under a 48 GiB cap, 7B end-to-end"
-# direct probes of the target lengths (65B >= 32K, 8B >= 200K: one step each); --search bisects instead,
+# 7B first (the step time against bf16 LoRA and bitsandbytes), then direct probes of the target lengths
+# (65B >= 32K, 8B >= 200K: one step each, the 8B one last: it may not finish); --search bisects instead,
 # which at 100K+ tokens costs minutes per probe. One deadline for the part (GPU_CHECK_HEADLINE_S, default
 # 480 s after the build), each step capped by what is left; every script reports as it goes. The 8B
 # probe is one step over 204,800 tokens (~1e16 FLOP of attention alone: a minute or more).
@@ -90,13 +94,14 @@ HEADLINE_S=${GPU_CHECK_HEADLINE_S:-480}; H0=$SECONDS
 budget() { local l=$(( HEADLINE_S - SECONDS + H0 )); (( l > $1 )) && l=$1; (( l < 5 )) && l=5; echo $l; }
 # (session 12, H200: 65B 512/2048/16384/32768 took 1 / 2 / 31 / 51 s a step; the 8B 204,800-token step
 # did not finish in 150 s)
+stage "7B end to end"
+timeout "$(budget 60)" python3 bench/e2e_train.py --shape 7b 2>&1 | tee "$OUT_DIR/headline.txt" | tail -8
+stage "65B"
 timeout "$(budget 150)" python3 bench/memory_65b.py --shape 65b --seqs 2048 --probe 32768 \
-  --json "$OUT_DIR/memory_65b.json" --plot "$OUT_DIR/memory_65b.png" 2>&1 | tee "$OUT_DIR/headline.txt" | tail -12
+  --json "$OUT_DIR/memory_65b.json" --plot "$OUT_DIR/memory_65b.png" 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -12
 stage "8B probe"
 timeout "$(budget 270)" python3 bench/memory_65b.py --shape 8b --seqs 2048 --probe 204800 --no-bnb \
   --json "$OUT_DIR/memory_8b.json" 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -6
-stage "7B end to end"
-timeout "$(budget 60)" python3 bench/e2e_train.py --shape 7b 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -8
 stage "estimate check"
 timeout "$(budget 30)" python3 bench/estimate_check.py 2>&1 | tee "$OUT_DIR/estimate_check.txt" | tail -5
 fi

@@ -4,7 +4,7 @@ any kernel runs. Ours (QuantLoRALinear, LoRALinear) against a PEFT-style nn.Line
 installed, bitsandbytes Linear4bit + PEFT, interleaved in one run (best of several rounds, so a busy
 machine costs every variant alike). Prints a table; --json FILE.
 
-    python bench/host_overhead.py [--device cpu|cuda] [--features 256] [--rows 16] [--json F]
+    python bench/host_overhead.py [--device cpu|cuda] [--features 64] [--rows 64] [--json F]
 """
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def host_us(fn, device: str, calls: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--features", type=int, default=256)
-    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--features", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=200)
