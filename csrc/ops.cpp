@@ -35,24 +35,27 @@ TORCH_LIBRARY(qlora, m) {
       "Tensor? offset=None, int nested_blocksize=256, Tensor? lora_grad=None, Tensor? lora_A=None) -> Tensor");
 
   // The two halves of qlora_linear's fused autograd Function (qlora_ext/functional.py), one call each.
-  // Forward: y = x W^T + bias + ((x A^T) * rank_scale * scaling) B^T for 2-D x (rows, in_features), the
-  // 4-bit W as in linear_4bit; also returns xa (the r-wide term, in x's dtype) and, with a rank_scale,
-  // xa_raw = x A^T (else empty), which the backward takes. rank_scale: (r,) or (*lead, r) with prod(lead)
-  // = rows. Not differentiable itself.
+  // Forward: y = x W^T + bias + ((dropout(x) A^T) * rank_scale * scaling) B^T for 2-D x (rows,
+  // in_features), the 4-bit W as in linear_4bit; also returns xa (the r-wide term, in x's dtype), with a
+  // rank_scale xa_raw = dropout(x) A^T, and with dropout_p > 0 the bool dropout mask (each empty
+  // otherwise), which the backward takes. rank_scale: (r,) or (*lead, r) with prod(lead) = rows. Not
+  // differentiable itself.
   m.def(
       "lora_linear_4bit_fwd(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, "
       "SymInt out_features, SymInt in_features, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
-      "int nested_blocksize, Tensor lora_A, Tensor lora_B, Tensor? bias, Tensor? rank_scale, float scaling) "
-      "-> (Tensor y, Tensor xa, Tensor xa_raw)");
+      "int nested_blocksize, Tensor lora_A, Tensor lora_B, Tensor? bias, Tensor? rank_scale, float scaling, "
+      "float dropout_p) -> (Tensor y, Tensor xa, Tensor xa_raw, Tensor dropout_mask)");
   // Backward: the gradients picked by output_mask = (x, xa, lora_A, lora_B, bias, rank_scale) for the
   // output gradient `grad` (rows, out_features), unpicked ones empty. With lora_A (and x, of any leading
-  // dims, rows in all): lora_linear_4bit_fwd's; without: linear_4bit's with the r-wide input xa given.
+  // dims, rows in all; the forward's dropout mask and p when it dropped): lora_linear_4bit_fwd's;
+  // without: linear_4bit's with the r-wide input xa given.
   m.def(
       "lora_linear_4bit_bwd(Tensor grad, Tensor packed, Tensor absmax, int blocksize, str quant_type, "
       "SymInt out_features, SymInt in_features, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
       "int nested_blocksize, Tensor? x, Tensor xa, Tensor? xa_raw, Tensor? lora_A, Tensor lora_B, "
-      "Tensor? rank_scale, float scaling, bool[6] output_mask) -> (Tensor grad_x, Tensor grad_xa, "
-      "Tensor grad_lora_A, Tensor grad_lora_B, Tensor grad_bias, Tensor grad_rank_scale)");
+      "Tensor? rank_scale, float scaling, Tensor? dropout_mask, float dropout_p, bool[6] output_mask) -> "
+      "(Tensor grad_x, Tensor grad_xa, Tensor grad_lora_A, Tensor grad_lora_B, Tensor grad_bias, "
+      "Tensor grad_rank_scale)");
 
   // Fused AdamW (torch.optim.AdamW's math) over many tensors in one call. params: float32/16/bf16;
   // grads: same dtype and shape; exp_avgs / exp_avg_sqs: float32 states, updated in place.

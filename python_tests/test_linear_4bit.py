@@ -146,37 +146,44 @@ def _fused_op_args(dtype=torch.float32, rows=9, in_f=100, out_f=70, r=4, rank_sc
 @pytest.mark.parametrize("rank_scale", [None, "per-rank", "per-row"])
 def test_opcheck_fused_halves(rank_scale):
     """qlora::lora_linear_4bit_fwd / _bwd (the fused Function's two halves): schema, fake kernels,
-    AOT dispatch, both forms of the backward and a partial output mask."""
+    AOT dispatch, both forms of the backward, a partial output mask and a dropout mask (the forward is
+    checked without dropout: opcheck compares repeated calls, which a random mask would fail)."""
     quant, x, A, B, b = _fused_op_args()
     rs = {None: None, "per-rank": torch.rand(4) + 0.5, "per-row": torch.rand(3, 3, 4) + 0.5}[rank_scale]
-    torch.library.opcheck(torch.ops.qlora.lora_linear_4bit_fwd.default, (x, *quant, A, B, b, rs, 0.5))
-    y, xa, xa_raw = torch.ops.qlora.lora_linear_4bit_fwd(x, *quant, A, B, b, rs, 0.5)
+    torch.library.opcheck(torch.ops.qlora.lora_linear_4bit_fwd.default, (x, *quant, A, B, b, rs, 0.5, 0.0))
+    y, xa, xa_raw, _ = torch.ops.qlora.lora_linear_4bit_fwd(x, *quant, A, B, b, rs, 0.5, 0.0)
+    _, _, _, mask = torch.ops.qlora.lora_linear_4bit_fwd(x, *quant, A, B, b, rs, 0.5, 0.25)
+    assert mask.dtype == torch.bool and mask.shape == x.shape and 0 < mask.float().mean() < 1
     g = torch.randn_like(y)
+    xa_raw = xa_raw if rs is not None else None
     fused_mask = [True, False, True, True, True, rs is not None]
-    torch.library.opcheck(torch.ops.qlora.lora_linear_4bit_bwd.default,
-                          (g, *quant, x, xa, xa_raw, A, B, rs, 0.5, fused_mask))
-    torch.library.opcheck(torch.ops.qlora.lora_linear_4bit_bwd.default,
-                          (g, *quant, x, xa, xa_raw, A, B, rs, 0.5, [False, False, True, False, False, False]))
-    torch.library.opcheck(torch.ops.qlora.lora_linear_4bit_bwd.default,
-                          (g, *quant, None, xa, None, None, B, None, 0.5, [True, True, False, True, True, False]))
+    bwd = torch.ops.qlora.lora_linear_4bit_bwd.default
+    torch.library.opcheck(bwd, (g, *quant, x, xa, xa_raw, A, B, rs, 0.5, None, 0.0, fused_mask))
+    torch.library.opcheck(bwd, (g, *quant, x, xa, xa_raw, A, B, rs, 0.5, mask, 0.25, fused_mask))
+    torch.library.opcheck(bwd, (g, *quant, x, xa, xa_raw, A, B, rs, 0.5, None, 0.0, [False, False, True] + [False] * 3))
+    torch.library.opcheck(bwd, (g, *quant, None, xa, None, None, B, None, 0.5, None, 0.0,
+                                [True, True, False, True, True, False]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("form", ["fused", "per-rank", "per-row", "expanded", "xa-outside"])
+@pytest.mark.parametrize("form", ["fused", "per-rank", "per-row", "expanded", "dropout", "dropout-per-row",
+                                  "xa-outside"])
 def test_backward_op_equals_differentiable_backward(dtype, form):
     """The C++ backward (qlora::lora_linear_4bit_bwd, a plain backward) and the Function's differentiable
     Python backward (taken under create_graph) compute the same steps: the same gradients to a few ulps
-    (16-bit: the C++ op keeps its products in x's dtype, as the Python one does outside autocast)."""
+    (16-bit: the C++ op keeps its products in x's dtype, as the Python one does outside autocast). Both
+    backwards read the one mask the forward drew."""
     lead, in_f, out_f, r = (2, 5), 96, 40, 6
     w, x, A, B, b = _operands(lead, in_f, out_f, r, dtype)
     packed, state = quantize_4bit(w.float(), blocksize=32)
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    s = {"fused": None, "xa-outside": None, "per-rank": torch.rand(r, dtype=sdt) + 0.5,
-         "per-row": torch.rand(*lead, r, dtype=sdt) + 0.5,
+    s = {"fused": None, "xa-outside": None, "dropout": None, "per-rank": torch.rand(r, dtype=sdt) + 0.5,
+         "per-row": torch.rand(*lead, r, dtype=sdt) + 0.5, "dropout-per-row": torch.rand(*lead, r, dtype=sdt) + 0.5,
          "expanded": (torch.rand(lead[0], 1, r, dtype=sdt) + 0.5).expand(*lead, r)}[form]
     leaves = [t.clone().requires_grad_(not (form == "xa-outside" and i == 1)) for i, t in enumerate((x, A, B, b))]
     leaves += [s.clone().requires_grad_()] if s is not None else []
     y = qlora_linear(leaves[0], packed, state, leaves[1], leaves[2], 0.7, leaves[3],
+                     dropout_p=0.3 if form.startswith("dropout") else 0.0,
                      rank_scale=leaves[4] if s is not None else None)
     g = torch.randn_like(y)
     want = [t for t in leaves if t.requires_grad]
@@ -192,27 +199,34 @@ def test_fused_halves_check_their_arguments():
     quant, x, A, B, b = _fused_op_args()
     fwd = torch.ops.qlora.lora_linear_4bit_fwd
     with pytest.raises(ValueError, match=r"x must be 2-D \(rows, in_features = 100\)"):
-        fwd(x[:, :99], *quant, A, B, b, None, 1.0)
+        fwd(x[:, :99], *quant, A, B, b, None, 1.0, 0.0)
     with pytest.raises(ValueError, match=r"lora_A must be \(r, in_features\) = \(r >= 1, 100\)"):
-        fwd(x, *quant, A[:, :50], B, b, None, 1.0)
+        fwd(x, *quant, A[:, :50], B, b, None, 1.0, 0.0)
     with pytest.raises(ValueError, match=r"lora_B must be \(out_features, r\) = \(70, 4\)"):
-        fwd(x, *quant, A, B[:, :3], b, None, 1.0)
+        fwd(x, *quant, A, B[:, :3], b, None, 1.0, 0.0)
     with pytest.raises(TypeError, match="lora_B must be .*Float.*x's dtype"):
-        fwd(x, *quant, A, B.double(), b, None, 1.0)
+        fwd(x, *quant, A, B.double(), b, None, 1.0, 0.0)
     with pytest.raises(ValueError, match=r"rank_scale must be \(r,\) = \(4,\) or \(\*lead, r\)"):
-        fwd(x, *quant, A, B, b, torch.ones(5), 1.0)
+        fwd(x, *quant, A, B, b, torch.ones(5), 1.0, 0.0)
     with pytest.raises(TypeError, match="rank_scale must be a floating-point tensor"):
-        fwd(x, *quant, A, B, b, torch.ones(4, dtype=torch.long), 1.0)
-    y, xa, xa_raw = fwd(x, *quant, A, B, b, None, 1.0)
+        fwd(x, *quant, A, B, b, torch.ones(4, dtype=torch.long), 1.0, 0.0)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1"):
+        fwd(x, *quant, A, B, b, None, 1.0, 1.0)
+    y, xa, xa_raw, _ = fwd(x, *quant, A, B, b, None, 1.0, 0.0)
     bwd = torch.ops.qlora.lora_linear_4bit_bwd
+    only_x = [True] + [False] * 5
     with pytest.raises(ValueError, match=r"grad must be 2-D \(rows, out_features = 70\)"):
-        bwd(y[:, :69], *quant, x, xa, xa_raw, A, B, None, 1.0, [True] + [False] * 5)
+        bwd(y[:, :69], *quant, x, xa, None, A, B, None, 1.0, None, 0.0, only_x)
     with pytest.raises(ValueError, match="x must be given with lora_A"):
-        bwd(y, *quant, None, xa, xa_raw, A, B, None, 1.0, [True] + [False] * 5)
+        bwd(y, *quant, None, xa, None, A, B, None, 1.0, None, 0.0, only_x)
     with pytest.raises(ValueError, match="x has 8 rows but grad 9"):
-        bwd(y, *quant, x[:8], xa, xa_raw, A, B, None, 1.0, [True] + [False] * 5)
+        bwd(y, *quant, x[:8], xa, None, A, B, None, 1.0, None, 0.0, only_x)
     with pytest.raises(ValueError, match="no xa input"):
-        bwd(y, *quant, x, xa, xa_raw, A, B, None, 1.0, [False, True] + [False] * 4)
+        bwd(y, *quant, x, xa, None, A, B, None, 1.0, None, 0.0, [False, True] + [False] * 4)
+    with pytest.raises(ValueError, match=r"dropout_mask needs lora_A .* dropout_p in \(0, 1\)"):
+        bwd(y, *quant, x, xa, None, A, B, None, 1.0, torch.ones_like(x, dtype=torch.bool), 0.0, only_x)
+    with pytest.raises(ValueError, match="dropout_mask must be bool of x's shape"):
+        bwd(y, *quant, x, xa, None, A, B, None, 1.0, torch.ones(9, 99, dtype=torch.bool), 0.2, only_x)
 
 
 def test_dropout_uses_the_same_mask_as_the_reference():
@@ -225,6 +239,31 @@ def test_dropout_uses_the_same_mask_as_the_reference():
     assert _rel(y, y_ref) < 1e-6
     no_dropout = qlora_linear(x, packed, state, A, B, 2.0, b)
     assert _rel(y, no_dropout) > 1e-4  # the mask did something
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_dropout_matches_reference(dtype):
+    """Training with dropout through the fused op (A trained): the mask the C++ op draws is F.dropout's for
+    the same seed, and output and gradients in x, A, B equal the float64 reference over that mask."""
+    lead, in_f, out_f, r = (5, 13), 96, 40, 6
+    w, x, A, B, b = _operands(lead, in_f, out_f, r, dtype)
+    packed, state = quantize_4bit(w.float(), blocksize=32)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    torch.manual_seed(77)
+    y = qlora_linear(leaves[0], packed, state, leaves[1], leaves[2], 0.6, b, dropout_p=0.4)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w64 = dequantize_4bit(packed, state, out_dtype=torch.float32).double()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    torch.manual_seed(77)
+    y64 = ref.qlora_linear(ref_leaves[0], w64, ref_leaves[1], ref_leaves[2], 0.6, b.double(), dropout_p=0.4)
+    y64.backward(g.double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+    assert _rel(y, y64) < tol
+    for got, want in zip(leaves, ref_leaves):
+        assert _rel(got.grad, want.grad) < (tol if dtype != torch.float32 else 1e-4)
+    torch.manual_seed(78)  # another seed, another mask: the output moves
+    assert _rel(qlora_linear(x, packed, state, A, B, 0.6, b, dropout_p=0.4), y.detach()) > 1e-3
 
 
 def test_backward_saves_no_dense_weight_and_no_output_sized_tensor():
@@ -548,17 +587,19 @@ def test_autocast_and_non_contiguous_operands():
     assert ya.dtype == torch.float32 and _rel(ya, y) < 1e-2
 
 
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["lora-grads-in-the-function", "xa-outside"])
-def test_double_backward(dropout_p):
+@pytest.mark.parametrize("dropout_p,frozen_A", [(0.0, False), (0.3, False), (0.3, True)],
+                         ids=["fused", "fused-dropout", "xa-outside"])
+def test_double_backward(dropout_p, frozen_A):
     """Second derivatives in x, A and B, through both forms of the autograd Function (with dropout, a
     fixed mask per call via the seed)."""
     w, x, A, B, b = _operands((3,), 32, 16, 2, torch.float64)
     packed, state = quantize_4bit(w, blocksize=32)
-    leaves = [t.requires_grad_() for t in (x, A, B)]
+    leaves = [t.requires_grad_() for t in ((x, B) if frozen_A else (x, A, B))]
 
-    def f(x, A, B):
+    def f(*leaves):
         torch.manual_seed(0)
-        return qlora_linear(x, packed, state, A, B, 1.3, b, dropout_p=dropout_p)
+        x_, A_, B_ = (leaves[0], A, leaves[1]) if frozen_A else leaves
+        return qlora_linear(x_, packed, state, A_, B_, 1.3, b, dropout_p=dropout_p)
     assert torch.autograd.gradgradcheck(f, leaves)
 
 

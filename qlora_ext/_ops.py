@@ -87,7 +87,8 @@ def _linear_4bit_grad_input_fake(grad, packed, absmax, blocksize, quant_type, ou
 
 @torch.library.register_fake("qlora::lora_linear_4bit_fwd")
 def _lora_linear_4bit_fwd_fake(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
-                               nested_code, offset, nested_blocksize, lora_A, lora_B, bias, rank_scale, scaling):
+                               nested_code, offset, nested_blocksize, lora_A, lora_B, bias, rank_scale, scaling,
+                               dropout_p):
     torch._check(x.dim() == 2, lambda: f"x must be 2-D (rows, in_features), got {x.dim()} dimensions")
     torch._check(x.shape[1] == in_features, lambda: f"x must have in_features = {in_features} columns, got {x.shape[1]}")
     torch._check(lora_A.dim() == 2 and lora_A.shape[1] == in_features,
@@ -95,15 +96,17 @@ def _lora_linear_4bit_fwd_fake(x, packed, absmax, blocksize, quant_type, out_fea
     r = lora_A.shape[0]
     torch._check(tuple(lora_B.shape) == (out_features, r),
                  lambda: f"lora_B must be (out_features, r) = ({out_features}, {r}), got {tuple(lora_B.shape)}")
+    torch._check(0 <= dropout_p < 1, lambda: f"dropout_p must be in [0, 1), got {dropout_p}")
     rows = x.shape[0]
     xa_raw = x.new_empty((rows, r) if rank_scale is not None else (0,))
-    return x.new_empty((rows, out_features)), x.new_empty((rows, r)), xa_raw
+    mask = x.new_empty((rows, in_features) if dropout_p > 0 else (0,), dtype=torch.bool)
+    return x.new_empty((rows, out_features)), x.new_empty((rows, r)), xa_raw, mask
 
 
 @torch.library.register_fake("qlora::lora_linear_4bit_bwd")
 def _lora_linear_4bit_bwd_fake(grad, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
                                nested_code, offset, nested_blocksize, x, xa, xa_raw, lora_A, lora_B, rank_scale,
-                               scaling, output_mask):
+                               scaling, dropout_mask, dropout_p, output_mask):
     torch._check(grad.dim() == 2 and grad.shape[1] == out_features,
                  lambda: f"grad must be 2-D (rows, out_features = {out_features}), got {tuple(grad.shape)}")
     rows, r = grad.shape[0], lora_B.shape[1]

@@ -406,16 +406,16 @@ def checked_qlora_linear(x: torch.Tensor, w: tuple, lora_A: torch.Tensor | None,
     out_features, in_features = w[4], w[5]
     lead = x.shape[:-1]
     grad = torch.is_grad_enabled()
-    # fused (one C++ op forward, one backward: qlora::lora_linear_4bit_fwd / _bwd): training with A trained
-    # and no dropout, and inference. Otherwise xa is formed here, with autograd: with dropout, and for a
-    # frozen A (the fused form would save x for a grad_A nobody wants)
-    if lora_A is not None and dropout_p == 0 and (not grad or lora_A.requires_grad):
+    # fused (one C++ op forward, one backward: qlora::lora_linear_4bit_fwd / _bwd): training with A
+    # trained, with or without dropout, and inference. Otherwise (a frozen A: the fused form would save x
+    # for a grad_A nobody wants) xa is formed here, with autograd
+    if lora_A is not None and (not grad or lora_A.requires_grad):
         if grad:
-            y = _QLoRALinear.apply(x, None, lora_A, lora_B, bias, rank_scale, scaling, w)
+            y = _QLoRALinear.apply(x, None, lora_A, lora_B, bias, rank_scale, scaling, dropout_p, w)
         else:  # inference: the op alone, no autograd Function
             with _ops.below_autograd():
                 return torch.ops.qlora.lora_linear_4bit_fwd(x.reshape(-1, in_features), *w, lora_A, lora_B, bias,
-                                                            rank_scale, scaling)[0].view(*lead, out_features)
+                                                            rank_scale, scaling, dropout_p)[0].view(*lead, out_features)
     else:
         x2 = x.reshape(-1, in_features)
         xa = None
@@ -428,7 +428,7 @@ def checked_qlora_linear(x: torch.Tensor, w: tuple, lora_A: torch.Tensor | None,
         if not grad:  # inference: the op alone, no autograd Function
             with _ops.below_autograd():
                 return torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias).view(*lead, out_features)
-        y = _QLoRALinear.apply(x, xa, None, lora_B, bias, None, scaling, w)
+        y = _QLoRALinear.apply(x, xa, None, lora_B, bias, None, scaling, 0.0, w)
     # (the Function returns the op's 2-D output: a view made inside a Function could not be modified in
     # place by the caller)
     return y.view(*lead, out_features)
@@ -463,58 +463,58 @@ class _QLoRALinear(torch.autograd.Function):
     kernel would otherwise run again. Differentiable twice: under create_graph the backward is built from
     differentiable ops (:meth:`differentiable_backward`, with the op's own autograd).
 
-    Two forms. Given ``lora_A`` (no dropout, A trained: the common training call, with or without a
+    Two forms. Given ``lora_A`` (A trained: the common training call, with or without dropout and a
     ``rank_scale``), forward and backward are one C++ op each (``qlora::lora_linear_4bit_fwd`` / ``_bwd``,
-    ``csrc/composite/``): it forms the r-wide ``xa = scaling * (x A^T) * rank_scale`` itself, its backward
-    adds the LoRA path's input gradient into the base one in the same GEMM (``grad_x = g W + s ((g B) *
-    rank_scale) A``, one addmm) and forms grad_A and grad_rank_scale, where autograd would run a dozen
-    nodes from Python (8-40 us of host time each: more than a mid-sized layer's GPU work). It saves x for
-    grad_A, as a matmul node would, and ``x A^T`` for grad_rank_scale. Given ``xa`` (formed outside, with
-    autograd: dropout, a frozen A), it saves xa and B, never x, never W."""
+    ``csrc/composite/``): it forms the r-wide ``xa = scaling * (dropout(x) A^T) * rank_scale`` itself, its
+    backward adds the LoRA path's input gradient into the base one (without dropout in the same GEMM:
+    ``grad_x = g W + s ((g B) * rank_scale) A``) and forms grad_A and grad_rank_scale, where autograd would
+    run a dozen nodes from Python (8-40 us of host time each: more than a mid-sized layer's GPU work). It
+    saves x (for grad_A, as a matmul node would; with dropout, x and the bool mask instead of dropout(x):
+    the layer input is often kept anyway, by its other projections), and ``x A^T`` for grad_rank_scale.
+    Given ``xa`` (formed outside, with autograd: a frozen A), it saves xa and B, never x, never W."""
 
     @staticmethod
-    def forward(ctx, x, xa, lora_A, lora_B, bias, rank_scale, scaling, w):  # w: the 4-bit weight's op arguments
-        # x: (..., in_features), flattened here (not by the caller: no autograd view nodes around it)
-        ctx.w, ctx.scaling, ctx.x_shape = w, scaling, x.shape
+    def forward(ctx, x, xa, lora_A, lora_B, bias, rank_scale, scaling, dropout_p, w):
+        # w: the 4-bit weight's op arguments; x: (..., in_features), flattened here (not by the caller: no
+        # autograd view nodes around it)
+        ctx.w, ctx.scaling, ctx.dropout_p, ctx.x_shape = w, scaling, dropout_p, x.shape
         x2 = x.reshape(-1, w[5])
         with _ops.below_autograd():  # (this Function is the autograd: skip the op's own)
             if lora_A is None:
-                ctx.save_for_backward(xa, lora_B)
+                ctx.save_for_backward(xa, lora_B, None, None, None, None, None)
                 return torch.ops.qlora.linear_4bit(x2, *w, xa, lora_B, bias)
-            y, xa, xa_raw = torch.ops.qlora.lora_linear_4bit_fwd(x2, *w, lora_A, lora_B, bias, rank_scale, scaling)
+            y, xa, xa_raw, mask = torch.ops.qlora.lora_linear_4bit_fwd(x2, *w, lora_A, lora_B, bias, rank_scale,
+                                                                       scaling, dropout_p)
         # x itself, not its flat view: a double backward differentiates through it
-        if rank_scale is None:
-            ctx.save_for_backward(xa, lora_B, x, lora_A)
-        else:
-            ctx.save_for_backward(xa, lora_B, x, lora_A, rank_scale, xa_raw)
+        ctx.save_for_backward(xa, lora_B, x, lora_A, rank_scale, xa_raw if rank_scale is not None else None,
+                              mask if dropout_p > 0 else None)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph: a backward autograd can differentiate again
             return _QLoRALinear.differentiable_backward(ctx, grad)
-        xa, lora_B, *fused = ctx.saved_tensors
-        x, lora_A, rank_scale, xa_raw = (*fused, None, None)[:4] if fused else (None,) * 4
-        mask = list(ctx.needs_input_grad[:6])
+        xa, lora_B, x, lora_A, rank_scale, xa_raw, mask = ctx.saved_tensors
+        need = list(ctx.needs_input_grad[:6])
         with _ops.below_autograd():
             grads = torch.ops.qlora.lora_linear_4bit_bwd(grad, *ctx.w, x, xa, xa_raw, lora_A, lora_B, rank_scale,
-                                                         ctx.scaling, mask)
-        grad_x, *rest = (g if need else None for g, need in zip(grads, mask))
-        return (grad_x.view(ctx.x_shape) if grad_x is not None else None, *rest, None, None)
+                                                         ctx.scaling, mask, ctx.dropout_p, need)
+        grad_x, *rest = (g if n else None for g, n in zip(grads, need))
+        return (grad_x.view(ctx.x_shape) if grad_x is not None else None, *rest, None, None, None)
 
     @staticmethod
     def differentiable_backward(ctx, grad):
         """The backward from differentiable ops (for a double backward): the same math as the C++
         ``lora_linear_4bit_bwd``, step for step (the tests compare the two)."""
-        xa, lora_B, *fused = ctx.saved_tensors
+        xa, lora_B, x, lora_A, rank_scale, xa_raw, mask = ctx.saved_tensors
         grad = grad.contiguous()
-        need_x, need_xa, need_A, need_B, need_bias, need_rs, _, _ = ctx.needs_input_grad
-        x = lora_A = rank_scale = xa_raw = None
+        need_x, need_xa, need_A, need_B, need_bias, need_rs, _, _, _ = ctx.needs_input_grad
+        fused = lora_A is not None
+        scale = 1.0 / (1.0 - ctx.dropout_p)
         if fused:
-            x, lora_A, *rs = fused
             x = x.reshape(-1, ctx.w[5])
-            rank_scale = rs[0] if rs else None
-            xa_raw, xa = _form_xa(x, lora_A, rank_scale, ctx.scaling)  # xa again, with its graph to x, A, rank_scale
+            xd = x if mask is None else torch.ops.aten.native_dropout_backward(x, mask, scale)
+            xa_raw, xa = _form_xa(xd, lora_A, rank_scale, ctx.scaling)  # xa again, with its graph to x, A, rank_scale
         grad_x, grad_xa, grad_B, grad_bias = _ops.linear_4bit_grads(grad, ctx.w, xa, lora_B, need_x,
                                                                     need_xa and not fused, need_B, need_bias)
         grad_A = grad_rs = None
@@ -533,9 +533,12 @@ class _QLoRALinear(torch.autograd.Function):
             # does, would give the matmul's 16-bit result)
             g_lora = _cast(g_r, x.dtype)
             if need_A:
-                grad_A = _cast(g_lora.t() @ x, lora_A.dtype)
+                grad_A = _cast(g_lora.t() @ xd, lora_A.dtype)
             if need_x:
-                grad_x = _cast(torch.addmm(grad_x, g_lora, lora_A), x.dtype)
+                g_x = g_lora @ lora_A
+                if mask is not None:
+                    g_x = torch.ops.aten.native_dropout_backward(g_x, mask, scale)
+                grad_x = _cast(grad_x + g_x, x.dtype)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, grad_xa, grad_A, grad_B, grad_bias, grad_rs, None, None
+        return grad_x, grad_xa, grad_A, grad_B, grad_bias, grad_rs, None, None, None

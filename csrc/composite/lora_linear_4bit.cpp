@@ -106,34 +106,40 @@ void check_adapter(const at::Tensor& x, int64_t in_features, int64_t out_feature
   }
 }
 
-// y = x W^T + bias + ((x A^T) * rank_scale * scaling) B^T; also returns xa (the r-wide term the base op
-// took, in x's dtype) and, with a rank_scale, xa_raw = x A^T (empty without): what the backward saves.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_4bit_fwd(
+// y = x W^T + bias + ((dropout(x) A^T) * rank_scale * scaling) B^T; also returns xa (the r-wide term the
+// base op took, in x's dtype), with a rank_scale xa_raw = dropout(x) A^T, and with dropout its bool mask
+// (each empty otherwise): what the backward saves. The mask is drawn by aten::native_dropout, as
+// F.dropout draws it (the same mask from the same seed).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_4bit_fwd(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
     const std::string& quant_type, c10::SymInt out_features, c10::SymInt in_features, const OptTensor& nested_absmax,
     const OptTensor& nested_code, const OptTensor& offset, int64_t nested_blocksize, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const OptTensor& bias, const OptTensor& rank_scale, double scaling) {
+    const at::Tensor& lora_B, const OptTensor& bias, const OptTensor& rank_scale, double scaling, double dropout_p) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
   const int64_t in_f = in_features.guard_int(__FILE__, __LINE__), out_f = out_features.guard_int(__FILE__, __LINE__);
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in_f, "x must be 2-D (rows, in_features = ", in_f, "), got ",
                     x.sizes());
   check_adapter(x, in_f, out_f, lora_A, lora_B, rank_scale);
   const Weight4bit w{packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax, nested_code,
                      offset, nested_blocksize};
+  at::Tensor xd = x, mask = at::empty({0}, x.options().dtype(at::kBool));  // the LoRA path's input
+  if (dropout_p > 0) std::tie(xd, mask) = at::native_dropout(x, dropout_p, /*train=*/true);
   at::Tensor xa, xa_raw;
   if (rank_scale) {
-    xa_raw = at::mm(x, lora_A.t());
+    xa_raw = at::mm(xd, lora_A.t());
     xa = cast(scale_ranks(xa_raw, *rank_scale) * scaling, x.scalar_type());
   } else {  // the scaling as the GEMM's alpha: one launch, one rounding; no x A^T to keep
-    xa = scaled_mm(x, lora_A.t(), scaling);
+    xa = scaled_mm(xd, lora_A.t(), scaling);
     xa_raw = at::empty({0}, x.options());
   }
   OptTensor b = bias ? OptTensor(bias->contiguous()) : std::nullopt;
   at::Tensor y = linear_4bit(x, w, xa, lora_B.contiguous(), b);
-  return {std::move(y), std::move(xa), std::move(xa_raw)};
+  return {std::move(y), std::move(xa), std::move(xa_raw), std::move(mask)};
 }
 
-// The gradients of lora_linear_4bit_fwd (lora_A given: x, A, B, bias, rank_scale) or of linear_4bit with
+// The gradients of lora_linear_4bit_fwd (lora_A given: x, A, B, bias, rank_scale; with dropout_mask, its
+// forward's dropout) or of linear_4bit with
 // an r-wide input from outside (lora_A absent: xa, B, bias), for the output gradient `grad` (rows, out);
 // output_mask picks (x, xa, A, B, bias, rank_scale); unpicked ones come back empty. grad_x re-dequantizes
 // W (grad_W is never formed) and takes the LoRA path's input gradient in the same op (linear_4bit_grad_input's
@@ -143,7 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::string& quant_type, c10::SymInt out_features, c10::SymInt in_features, const OptTensor& nested_absmax,
     const OptTensor& nested_code, const OptTensor& offset, int64_t nested_blocksize, const OptTensor& x_in,
     const at::Tensor& xa, const OptTensor& xa_raw, const OptTensor& lora_A, const at::Tensor& lora_B,
-    const OptTensor& rank_scale, double scaling, std::array<bool, 6> output_mask) {
+    const OptTensor& rank_scale, double scaling, const OptTensor& dropout_mask, double dropout_p,
+    std::array<bool, 6> output_mask) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto [need_x, need_xa, need_A, need_B, need_bias, need_rs] = output_mask;
   const int64_t in_f = in_features.guard_int(__FILE__, __LINE__), out_f = out_features.guard_int(__FILE__, __LINE__);
@@ -153,6 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(!fused || x_in.has_value(), "x must be given with lora_A (the fused form)");
   TORCH_CHECK_VALUE(!rank_scale || (fused && xa_raw.has_value()), "rank_scale needs lora_A, x and xa_raw");
   TORCH_CHECK_VALUE(!need_xa || !fused, "the fused form (lora_A given) has no xa input to differentiate");
+  TORCH_CHECK_VALUE(!dropout_mask || (fused && dropout_p > 0 && dropout_p < 1),
+                    "dropout_mask needs lora_A (the fused form) and dropout_p in (0, 1), got ", dropout_p);
   const Weight4bit w{packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax, nested_code,
                      offset, nested_blocksize};
   const at::Tensor grad = grad_out.contiguous();
@@ -180,8 +189,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       g_r = scale_ranks(g_r, *rank_scale);
     }
     const at::Tensor g_lora = cast(g_r, x.scalar_type());
-    if (need_A) grad_A = cast(at::mm(g_lora.t(), x), lora_A->scalar_type());
-    if (need_x) grad_x = linear_4bit_grad_input(grad, w, g_lora, *lora_A);  // g W + g_lora A, one GEMM's output
+    if (!dropout_mask) {
+      if (need_A) grad_A = cast(at::mm(g_lora.t(), x), lora_A->scalar_type());
+      if (need_x) grad_x = linear_4bit_grad_input(grad, w, g_lora, *lora_A);  // g W + g_lora A, one GEMM's output
+    } else {  // dropout(x) = x * mask * scale, as native_dropout's scale (16-bit: its rounding may differ by an ulp)
+      const double scale = 1.0 / (1.0 - dropout_p);
+      TORCH_CHECK_VALUE(dropout_mask->scalar_type() == at::kBool && dropout_mask->sizes() == x.sizes(),
+                        "dropout_mask must be bool of x's shape (rows, in_features), got ", dropout_mask->sizes());
+      if (need_A)
+        grad_A = cast(at::mm(g_lora.t(), at::native_dropout_backward(x, *dropout_mask, scale)), lora_A->scalar_type());
+      if (need_x)  // the mask sits between the two GEMMs: the LoRA term is added after the base one
+        grad_x = linear_4bit_grad_input(grad, w, std::nullopt, std::nullopt)
+                     .add_(at::native_dropout_backward(at::mm(g_lora, *lora_A), *dropout_mask, scale));
+    }
   }
   // a custom op returns tensors, not None: an unpicked gradient is an empty tensor (the caller drops it)
   for (at::Tensor* t : {&grad_x, &grad_xa, &grad_A, &grad_B, &grad_bias, &grad_rs})
