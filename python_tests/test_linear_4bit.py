@@ -125,8 +125,9 @@ def test_grad_input_with_lora_term_matches_reference(dtype):
     g, lg, A, packed, state = _check_grad_input_with_lora_term(dtype)
     if dtype == torch.float64:
         leaves = [t.clone().requires_grad_() for t in (g, lg, A)]
-        assert torch.autograd.gradcheck(
-            lambda g, lg, A: torch.ops.qlora.linear_4bit_grad_input(g, *_op_quant_args(packed, state), lg, A), leaves)
+        f = lambda g, lg, A: torch.ops.qlora.linear_4bit_grad_input(g, *_op_quant_args(packed, state), lg, A)  # noqa: E731
+        assert torch.autograd.gradcheck(f, leaves)
+        assert torch.autograd.gradgradcheck(f, leaves)
 
 
 @pytest.mark.cuda
@@ -173,13 +174,25 @@ def test_backward_op_equals_differentiable_backward(dtype, form):
     Python backward (taken under create_graph) compute the same steps: the same gradients to a few ulps
     (16-bit: the C++ op keeps its products in x's dtype, as the Python one does outside autocast). Both
     backwards read the one mask the forward drew."""
-    lead, in_f, out_f, r = (2, 5), 96, 40, 6
-    w, x, A, B, b = _operands(lead, in_f, out_f, r, dtype)
+    _check_backward_op_equals_differentiable_backward(dtype, form)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("form", ["fused", "per-row", "dropout", "xa-outside"])
+@pytest.mark.parametrize("lead", [(2, 5), (3, 70)], ids=["decode10", "train210"])
+def test_cuda_backward_op_equals_differentiable_backward(cuda_device, dtype, form, lead):
+    _check_backward_op_equals_differentiable_backward(dtype, form, cuda_device, lead)
+
+
+def _check_backward_op_equals_differentiable_backward(dtype, form, device="cpu", lead=(2, 5)):
+    in_f, out_f, r = 96, 40, 6
+    w, x, A, B, b = _operands(lead, in_f, out_f, r, dtype, device)
     packed, state = quantize_4bit(w.float(), blocksize=32)
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    s = {"fused": None, "xa-outside": None, "dropout": None, "per-rank": torch.rand(r, dtype=sdt) + 0.5,
-         "per-row": torch.rand(*lead, r, dtype=sdt) + 0.5, "dropout-per-row": torch.rand(*lead, r, dtype=sdt) + 0.5,
-         "expanded": (torch.rand(lead[0], 1, r, dtype=sdt) + 0.5).expand(*lead, r)}[form]
+    rand = lambda *shape: torch.rand(*shape, dtype=sdt, device=device) + 0.5  # noqa: E731
+    s = {"fused": None, "xa-outside": None, "dropout": None, "per-rank": rand(r), "per-row": rand(*lead, r),
+         "dropout-per-row": rand(*lead, r), "expanded": rand(lead[0], 1, r).expand(*lead, r)}[form]
     leaves = [t.clone().requires_grad_(not (form == "xa-outside" and i == 1)) for i, t in enumerate((x, A, B, b))]
     leaves += [s.clone().requires_grad_()] if s is not None else []
     y = qlora_linear(leaves[0], packed, state, leaves[1], leaves[2], 0.7, leaves[3],
@@ -193,6 +206,68 @@ def test_backward_op_equals_differentiable_backward(dtype, form):
     for a, c in zip(by_op, differentiable):
         assert a.dtype == c.dtype and a.shape == c.shape
         assert _rel(a, c) < tol
+
+
+@pytest.mark.parametrize("form", ["fused", "rank-scale", "dropout", "xa-outside"])
+def test_fused_backward_fake_matches_the_op_for_every_output_mask(form):
+    """For each of the 64 output masks, the fake kernel of lora_linear_4bit_bwd gives the shapes and dtypes
+    the C++ op returns (empty where it forms nothing), or both refuse."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    quant, x, A, B, b = _fused_op_args()
+    rs = torch.rand(9, 4) + 0.5 if form == "rank-scale" else None
+    p = 0.25 if form == "dropout" else 0.0
+    y, xa, xa_raw, mask = torch.ops.qlora.lora_linear_4bit_fwd(x, *quant, A, B, b, rs, 0.5, p)
+    fused = form != "xa-outside"
+    args = (torch.randn_like(y), *quant, x if fused else None, xa, xa_raw if rs is not None else None,
+            A if fused else None, B, rs, 0.5, mask if p else None, p)
+    for bits in range(64):
+        need = [bool(bits >> i & 1) for i in range(6)]
+        try:
+            real = [(t.shape, t.dtype) for t in torch.ops.qlora.lora_linear_4bit_bwd(*args, need)]
+        except ValueError:
+            real = None
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            try:
+                fake = [(t.shape, t.dtype) for t in torch.ops.qlora.lora_linear_4bit_bwd(*fake_args, need)]
+            except RuntimeError:  # torch._check's error
+                fake = None
+        assert fake == real, (need, fake, real)
+
+
+def test_fused_halves_fail_clearly_under_autograd():
+    """The two ops are the Function's halves, not differentiable themselves: a direct call on tensors
+    that require grad records a not-implemented node, and backward names the op."""
+    quant, x, A, B, b = _fused_op_args()
+    y = torch.ops.qlora.lora_linear_4bit_fwd(x.requires_grad_(), *quant, A.requires_grad_(), B, b, None, 0.5, 0.0)[0]
+    with pytest.raises(RuntimeError, match="derivative for qlora::lora_linear_4bit_fwd is not implemented"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("frozen", ["x", "B-and-bias", "rank_scale", "A-only-trained"])
+def test_backward_op_with_partial_requires_grad(frozen):
+    """Some leaves frozen (the output mask partly off): the op's gradients equal the differentiable
+    backward's and the float64 reference's, and the frozen leaves get none."""
+    lead, in_f, out_f, r = (3, 4), 64, 24, 4
+    w, x, A, B, b = _operands(lead, in_f, out_f, r, torch.float32)
+    packed, state = quantize_4bit(w, blocksize=32)
+    s = torch.rand(*lead, r) + 0.5
+    trained = {"x": (False, True, True, True, True), "B-and-bias": (True, True, False, False, True),
+               "rank_scale": (True, True, True, True, False), "A-only-trained": (False, True, False, False, False)}[frozen]
+    leaves = [t.clone().requires_grad_(g) for t, g in zip((x, A, B, b, s), trained)]
+    y = qlora_linear(leaves[0], packed, state, leaves[1], leaves[2], 0.7, leaves[3], rank_scale=leaves[4])
+    g = torch.randn_like(y)
+    want = [t for t in leaves if t.requires_grad]
+    by_op = torch.autograd.grad(y, want, g, retain_graph=True)
+    differentiable = torch.autograd.grad(y, want, g, create_graph=True)
+    w64 = dequantize_4bit(packed, state, out_dtype=torch.float32).double()
+    ref_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    y64 = ref.qlora_linear(ref_leaves[0], w64, ref_leaves[1], ref_leaves[2], 0.7, ref_leaves[3],
+                           rank_scale=ref_leaves[4])
+    ref_grads = torch.autograd.grad(y64, [t for t in ref_leaves if t.requires_grad], g.double())
+    for a, c, d in zip(by_op, differentiable, ref_grads):
+        assert _rel(a, c) < 1e-6 and _rel(a, d) < 1e-4
 
 
 def test_fused_halves_check_their_arguments():
@@ -227,6 +302,8 @@ def test_fused_halves_check_their_arguments():
         bwd(y, *quant, x, xa, None, A, B, None, 1.0, torch.ones_like(x, dtype=torch.bool), 0.0, only_x)
     with pytest.raises(ValueError, match="dropout_mask must be bool of x's shape"):
         bwd(y, *quant, x, xa, None, A, B, None, 1.0, torch.ones(9, 99, dtype=torch.bool), 0.2, only_x)
+    with pytest.raises(ValueError, match=r"xa_raw must be \(rows, r\) = \(9, 4\)"):  # (e.g. the empty one)
+        bwd(y, *quant, x, xa, torch.empty(0), A, B, torch.ones(4), 1.0, None, 0.0, [False] * 5 + [True])
 
 
 def test_dropout_uses_the_same_mask_as_the_reference():
@@ -585,6 +662,17 @@ def test_autocast_and_non_contiguous_operands():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ya = qlora_linear(x, packed, state, A, B, 1.0, b)
     assert ya.dtype == torch.float32 and _rel(ya, y) < 1e-2
+    # the same through the fused op (A trained, and in inference): non-contiguous B and bias are made
+    # contiguous in C++, the products run in x's dtype whatever autocast says
+    leaves = [t.clone().requires_grad_() for t in (x, A)]
+    yf = qlora_linear(leaves[0], packed, state, leaves[1], B.t().contiguous().t(), 1.0, torch.stack([b, b], 1)[:, 0])
+    with torch.no_grad():
+        yi = qlora_linear(x, packed, state, A, B.t().contiguous().t(), 1.0, torch.stack([b, b], 1)[:, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yfa = qlora_linear(leaves[0], packed, state, leaves[1], B, 1.0, b)
+    assert _rel(yf, y) < 1e-7 and _rel(yi, y) < 1e-7 and yfa.dtype == torch.float32 and _rel(yfa, y) < 1e-7
+    yf.sum().backward()
+    assert leaves[1].grad is not None and leaves[0].grad.shape == x.shape
 
 
 @pytest.mark.parametrize("dropout_p,frozen_A", [(0.0, False), (0.3, False), (0.3, True)],
@@ -713,6 +801,29 @@ def test_rank_scale_compiles():
     s = torch.rand(4)
     f = lambda x, s: qlora_linear(x, packed, state, A, B, 2.0, b, rank_scale=s)  # noqa: E731
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, s), f(x, s))
+
+
+@pytest.mark.parametrize("kind", ["per-rank", "per-row", "expanded"])
+def test_rank_scale_compiled_backward_matches_eager(kind):
+    """The fused form (x, A, B and the scale trained) under torch.compile: its traced graph holds the two
+    C++ halves; output and every gradient equal eager's."""
+    lead, in_f, out_f, r = (2, 3), 64, 32, 4
+    w, x, A, B, b = _operands(lead, in_f, out_f, r, torch.float32)
+    packed, state = quantize_4bit(w)
+    s0 = {"per-rank": torch.rand(r), "per-row": torch.rand(*lead, r), "expanded": torch.rand(lead[0], 1, r)}[kind] + 0.5
+
+    def f(x, A, B, s):
+        s = s.expand(*lead, r) if kind == "expanded" else s
+        return qlora_linear(x, packed, state, A, B, 2.0, b, rank_scale=s)
+    torch._dynamo.reset()
+    outs = []
+    for fn in (torch.compile(f, fullgraph=True), f):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, s0)]
+        y = fn(*leaves)
+        y.backward(torch.ones_like(y))
+        outs.append([y] + [t.grad for t in leaves])
+    for a, c in zip(*outs):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
 def test_rank_scale_errors():

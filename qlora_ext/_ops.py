@@ -109,13 +109,18 @@ def _lora_linear_4bit_bwd_fake(grad, packed, absmax, blocksize, quant_type, out_
                                scaling, dropout_mask, dropout_p, output_mask):
     torch._check(grad.dim() == 2 and grad.shape[1] == out_features,
                  lambda: f"grad must be 2-D (rows, out_features = {out_features}), got {tuple(grad.shape)}")
+    fused = lora_A is not None
+    torch._check(not (output_mask[1] and fused), lambda: "the fused form (lora_A given) has no xa input to differentiate")
     rows, r = grad.shape[0], lora_B.shape[1]
+    # what the C++ op forms (the rest come back empty): grad_A and grad_rank_scale only in the fused form
+    formed = (output_mask[0], output_mask[1], output_mask[2] and fused, output_mask[3], output_mask[4],
+              output_mask[5] and fused and rank_scale is not None)
     shapes = ((rows, in_features), (rows, r), (r, in_features), (out_features, r), (out_features,),
               None if rank_scale is None else tuple(rank_scale.shape))
     dtypes = (grad.dtype, grad.dtype, None if lora_A is None else lora_A.dtype, grad.dtype, grad.dtype,
               None if rank_scale is None else rank_scale.dtype)
-    return tuple(grad.new_empty(shape, dtype=dtype) if need else grad.new_empty((0,))
-                 for need, shape, dtype in zip(output_mask, shapes, dtypes))
+    return tuple(grad.new_empty(shape, dtype=dtype) if made else grad.new_empty((0,))
+                 for made, shape, dtype in zip(formed, shapes, dtypes))
 
 
 def _linear_4bit_setup_context(ctx, inputs, output):

@@ -505,7 +505,8 @@ class _QLoRALinear(torch.autograd.Function):
     @staticmethod
     def differentiable_backward(ctx, grad):
         """The backward from differentiable ops (for a double backward): the same math as the C++
-        ``lora_linear_4bit_bwd``, step for step (the tests compare the two)."""
+        ``lora_linear_4bit_bwd`` (which applies the scaling as its GEMM's alpha: a rounding apart; the
+        tests compare the two)."""
         xa, lora_B, x, lora_A, rank_scale, xa_raw, mask = ctx.saved_tensors
         grad = grad.contiguous()
         need_x, need_xa, need_A, need_B, need_bias, need_rs, _, _, _ = ctx.needs_input_grad

@@ -3,16 +3,21 @@
 // C++. One implementation (CompositeExplicitAutograd) serves every device: the device work is in the ops
 // it calls (qlora::linear_4bit, linear_4bit_grad_input: cpu/ and cuda/) and ATen's GEMMs.
 //
-// Why: a training call ran ~15 ATen ops from Python (each 8-40 us of host time, more than the whole
-// GPU work of a mid-sized layer); from C++ each costs a few microseconds. The math is the Function's
-// differentiable Python backward (kept for double backward, and the reference the tests compare with),
-// step for step, so the two round alike.
+// Why: a training call ran ~15 ATen ops from Python (each 8-40 us of host time on the H200's host, more
+// than the whole GPU work of a mid-sized layer); from C++ each costs a few microseconds. The math is the
+// Function's differentiable Python backward (kept for double backward, and the reference the tests
+// compare with), step for step but for two roundings: here the LoRA scaling is the GEMM's alpha (one
+// rounding, not two), and with dropout the LoRA input gradient is added in a separate op.
+//
+// Not differentiable themselves (the Function is their autograd): the Autograd kernel is PyTorch's
+// not-implemented fallback, so a direct call on tensors that require grad fails clearly at backward.
 //
 // Autocast is excluded inside: every product is in x's dtype, like the base term (the op computes in
 // x's dtype whatever autocast says); callers under autocast cast their operands first.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <array>
@@ -159,6 +164,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool fused = lora_A.has_value();
   TORCH_CHECK_VALUE(!fused || x_in.has_value(), "x must be given with lora_A (the fused form)");
   TORCH_CHECK_VALUE(!rank_scale || (fused && xa_raw.has_value()), "rank_scale needs lora_A, x and xa_raw");
+  if (rank_scale)
+    TORCH_CHECK_VALUE(xa_raw->dim() == 2 && xa_raw->size(0) == grad_out.size(0) && xa_raw->size(1) == lora_B.size(1),
+                      "xa_raw must be (rows, r) = (", grad_out.size(0), ", ", lora_B.size(1), "), got ",
+                      xa_raw->sizes());
   TORCH_CHECK_VALUE(!need_xa || !fused, "the fused form (lora_A given) has no xa input to differentiate");
   TORCH_CHECK_VALUE(!dropout_mask || (fused && dropout_p > 0 && dropout_p < 1),
                     "dropout_mask needs lora_A (the fused form) and dropout_p in (0, 1), got ", dropout_p);
@@ -214,6 +223,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(qlora, CompositeExplicitAutograd, m) {
   m.impl("lora_linear_4bit_fwd", &lora_linear_4bit_fwd);
   m.impl("lora_linear_4bit_bwd", &lora_linear_4bit_bwd);
+}
+
+TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
+  m.impl("lora_linear_4bit_fwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("lora_linear_4bit_bwd", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace qlora

@@ -1,7 +1,7 @@
 // CUDA glue of the 4-bit linear and its input gradient.
 // - Training path (any row count): dequantize W with the bandwidth-bound kernel of dequantize.cu into a
 //   transient tensor (freed on return, so one layer's W at most is alive), then cuBLAS through ATen; a
-//   LoRA term is computed first and the base GEMM accumulates onto it (beta = 1).
+//   LoRA term is computed first and the base GEMM accumulates onto it (beta = 1, in its epilogue).
 // - Decode paths, one launch reading the packed weight once (16-byte aligned x and packed):
 //   gemv_4bit_tc.cu on tensor cores (fp16/bf16, <= kGemvTcMaxRows rows, in_features % 64 == 0,
 //   blocksize >= 64, compute capability >= 8.0) and gemv_4bit.cu on CUDA cores (<= kGemvMaxRows rows,
@@ -113,8 +113,9 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   const at::Tensor w = dense_weight(x, packed, absmax, blocksize, quant_type, out_features, in_features,
                                     nested_absmax, nested_code, offset, nested_blocksize);
   if (!lora_xa) return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
-  // the small LoRA GEMM first, then the base GEMM accumulates onto it (beta = 1, read in its epilogue):
-  // one pass over y fewer than adding the LoRA term after the base GEMM
+  // the small LoRA GEMM first, then the base GEMM accumulates onto it (beta = 1, read in its epilogue).
+  // Both orders touch y three times, but this way the memory-bound small-K GEMM only writes y (before:
+  // read and write) and the read-back rides in the compute-bound GEMM; to be measured on a GPU
   at::Tensor y = bias ? at::addmm(*bias, *lora_xa, lora_B->t()) : at::mm(*lora_xa, lora_B->t());
   return y.addmm_(x, w.t());
 }
