@@ -9,9 +9,10 @@ gradient checkpointing: the checkpointed layer inputs, then the larger of two ph
 (3 float32 logits-sized tensors and 2 hidden-sized ones, as our training loop holds them: the model
 output is dropped before the backward; a loop that keeps it alive holds one more logits-sized tensor)
 and one layer's recompute in the backward (a linear model of attention-score, MLP-width and
-hidden-width tensors and one dequantized weight). The recompute constants were fitted to 8
-configurations measured on the CPU (float32 compute) and checked on 8 others: all 16 within 1.9%
-(python_tests/test_estimate.py re-measures two more).
+hidden-width tensors, one dequantized weight and, with LoRA dropout, the layer's bool masks). The CPU
+constants were fitted to 6 shapes measured on the CPU (float32 compute, LoRA dropout 0 and 0.05) and
+checked on 6 others: all 24 runs within 5.6% (bench/estimate_fit.py; python_tests/test_estimate.py
+re-measures three more); the GPU ones are an earlier fit that the H200 confirmed (below).
 On a GPU (the default plan) the attention-score term is left out: SDPA's flash / memory-efficient
 kernels never hold a seq x seq tensor (eager attention keeps it); with bf16 compute the rest has the
 same structure. A GPU plan adds the CUDA libraries' workspaces that PyTorch allocates (cuBLAS / cuBLASLt),
@@ -31,8 +32,15 @@ from ..model import QLoRAConfig
 from ..model.targets import find_targets, matches
 
 _BLOCK8 = 256  # the 8-bit optimizer's block
-# one layer's backward working set in bytes: a * scores + b * T*I*4 + c * T*H*4 + d * I*H*4 + e
-_RECOMPUTE = (0.0267, 6.72, 16.99, 1.03, 4.26e4)
+# one layer's backward working set in bytes: a * scores + b * T*I*c + c * T*H*act + d * I*H*c + e, per
+# device. CPU: refit in session 13 (bench/estimate_fit.py, 12 shapes x dropout 0 / 0.05, within 5.6%)
+# after the fused op stopped keeping a dropped copy of each projection's input; CUDA: the session-10
+# fit, which the H200 measurements of LLaMA-65B (no dropout, whose memory the change left alone) matched
+# within 2.5% at 512-32,768 tokens.
+_RECOMPUTE = {"cpu": (0.2579, 5.959, 4.595, 1.0, -2.19e5), "cuda": (0.0267, 6.72, 16.99, 1.03, 4.26e4)}
+# bytes per element of the bool dropout masks the recompute keeps (CPU: fitted, with what native_dropout
+# holds besides them; CUDA: the masks alone, not measured yet)
+_DROPOUT_MASKS = {"cpu": 3.42, "cuda": 1.0}
 # what a GPU step holds beyond the tensors the plan counts: the cuBLAS / cuBLASLt workspaces PyTorch
 # allocates through its caching allocator (the measured excess on an H200, torch 2.11: 60-74 MiB)
 _CUDA_WORKSPACE_BYTES = 64 << 20
@@ -138,14 +146,13 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
     host = 0
     if config.offload_activations:  # the layer inputs live in pinned host memory; one layer's comes back
         host, ckpt = L * T * H * act, 2 * T * H * act
-    # the loss: 3 logits-sized float32 tensors, or 3 chunk-sized ones (+ the chunk's float copy)
-    loss_tokens = min(T, config.loss_chunk_size) if config.chunked_loss else T
-    loss_phase = 3 * loss_tokens * V * 4 + 2 * T * H * act
-    a, b, c, d, e = _RECOMPUTE
+    loss_phase = loss_phase_bytes(hf_config, T, config)
+    a, b, c, d, e = _RECOMPUTE[device]
     mlp_tokens = min(S, config.mlp_chunk_size) * B if config.chunked_mlp else T
     eager = device == "cpu" or getattr(hf_config, "_attn_implementation", None) == "eager"
     layer_phase = int((a * B * heads * S * S * comp if eager else 0) + b * mlp_tokens * I * comp + c * T * H * act
-                      + d * I * H * comp + e)
+                      + d * I * H * comp + e
+                      + _DROPOUT_MASKS[device] * dropout_mask_bytes(model, targets, T, mlp_tokens, config))
     opt = _optimizer_bytes(lora_sizes + ([saved] if saved else []), optim)
     workspaces = _CUDA_WORKSPACE_BYTES if device == "cuda" else 0
     quant = f"{config.quant_type.upper()}{' + DQ' if config.double_quant else ''}" if config.quant_type else "fp32"
@@ -164,6 +171,32 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
     if workspaces:
         rows.append(("CUDA library workspaces (cuBLAS / cuBLASLt, measured)", workspaces))
     return MemoryPlan(rows, paged_bytes=opt if optim.startswith("paged") else 0, host_bytes=host)
+
+
+def loss_phase_bytes(hf_config, tokens: int, config: QLoRAConfig) -> int:
+    """The loss phase: 3 logits-sized float32 tensors (or 3 chunk-sized ones, with the chunk's float
+    copy) and 2 hidden-sized ones."""
+    act = 4 if config.upcast_non_quantized or config.quant_type is None else config.compute_dtype.itemsize
+    loss_tokens = min(tokens, config.loss_chunk_size) if config.chunked_loss else tokens
+    return 3 * loss_tokens * hf_config.vocab_size * 4 + 2 * tokens * hf_config.hidden_size * act
+
+
+def dropout_mask_bytes(model: nn.Module, targets, tokens: int, mlp_tokens: int, config: QLoRAConfig) -> int:
+    """With LoRA dropout, the fused op keeps one bool mask of each adapted layer's input until its
+    backward: one decoder layer's worth during its recompute (the first layer's targets; MLP ones over
+    an MLP chunk's tokens)."""
+    if config.lora_dropout <= 0:
+        return 0
+    first = None
+    total = 0
+    for name, m in model.named_modules():
+        if name not in targets or ".layers." not in f".{name}":
+            continue
+        layer = name.split("layers.", 1)[1].split(".", 1)[0]
+        first = layer if first is None else first
+        if layer == first:
+            total += (mlp_tokens if ".mlp." in f".{name}." else tokens) * m.in_features
+    return total
 
 
 def longest_context(model: nn.Module, hf_config, gpu_bytes: int, config: QLoRAConfig, batch: int = 1,
