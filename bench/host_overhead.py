@@ -1,7 +1,8 @@
 """Host time per call of a LoRA layer on a shape so small that the device work is negligible: what a
 launch-bound step pays per layer call (training forward + backward, and an inference forward) before
 any kernel runs. Ours (QuantLoRALinear, LoRALinear) against a PEFT-style nn.Linear + LoRA and, when
-installed, bitsandbytes Linear4bit + PEFT, interleaved in one run (best of several rounds, so a busy
+installed, bitsandbytes Linear4bit + PEFT, without and with LoRA dropout (each against the PEFT-style
+layer with the same dropout), interleaved in one run (best of several rounds, so a busy
 machine costs every variant alike). Prints a table; --json FILE.
 
     python bench/host_overhead.py [--device cpu|cuda] [--features 64] [--rows 64] [--json F]
@@ -27,12 +28,12 @@ from qlora_ext.nn import LoRALinear, QuantLoRALinear  # noqa: E402
 class PeftStyleLoRA(nn.Module):
     """PEFT's LoRA forward over a frozen nn.Linear: base(x) + lora_B(lora_A(dropout(x))) * scaling."""
 
-    def __init__(self, base: nn.Linear, r: int, scaling: float) -> None:
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base.requires_grad_(False)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_dropout = nn.Identity()
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,6 +47,9 @@ def layers(features: int, r: int, dtype: torch.dtype, device: str) -> dict[str, 
                                                                   lora_dtype=dtype),
         "ours LoRALinear (dense)": LoRALinear.from_linear(base, r=r, lora_alpha=2 * r, lora_dtype=dtype),
         "nn.Linear + PEFT-style LoRA": PeftStyleLoRA(base, r, 2.0),
+        "ours QuantLoRALinear (NF4), dropout 0.05": QuantLoRALinear.from_linear(
+            base, r=r, lora_alpha=2 * r, lora_dropout=0.05, compute_dtype=dtype, lora_dtype=dtype),
+        "nn.Linear + PEFT-style LoRA, dropout 0.05": PeftStyleLoRA(base, r, 2.0, dropout=0.05),
     }
     if device == "cuda":
         try:
@@ -99,11 +103,13 @@ def main() -> None:
                 best[(name, work)] = min(best.get((name, work), float("inf")), t)
     rows = []
     for work in ("train fwd+bwd", "inference fwd"):
-        ref = best[("nn.Linear + PEFT-style LoRA", work)]
         for name in mods:
+            ref = best[("nn.Linear + PEFT-style LoRA" + (", dropout 0.05" if "dropout" in name else ""), work)]
             t = best[(name, work)]
             rows.append(dict(device=args.device, work=work, variant=name, features=args.features, rows=args.rows,
                              r=args.r, dtype=str(dtype)[6:], host_us=t, vs_peft_style=t / ref))
+    # (inference runs the modules in training mode, so dropout applies there too, as in a no-grad eval
+    # forward of a model left in train mode)
     print(format_table(rows, ["device", "work", "variant", "features", "rows", "r", "dtype", "host_us",
                               "vs_peft_style"]))
     if args.json:
