@@ -343,6 +343,24 @@ def test_fused_dropout_matches_reference(dtype):
     assert _rel(qlora_linear(x, packed, state, A, B, 0.6, b, dropout_p=0.4), y.detach()) > 1e-3
 
 
+def test_fused_dropout_compiles_like_eager():
+    """torch.compile over the fused op with dropout: the op draws its mask at run time, so the compiled
+    call gives eager's output and gradients for the same seed."""
+    w, x, A, B, b = _operands((6,), 64, 40, 4, torch.float32)
+    packed, state = quantize_4bit(w)
+    f = lambda x, A, B: qlora_linear(x, packed, state, A, B, 2.0, b, dropout_p=0.3)  # noqa: E731
+    torch._dynamo.reset()
+    outs = []
+    for fn in (torch.compile(f, fullgraph=True), f):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+        torch.manual_seed(1)
+        y = fn(*leaves)
+        y.sum().backward()
+        outs.append([y] + [t.grad for t in leaves])
+    for a, c in zip(*outs):
+        torch.testing.assert_close(a, c)
+
+
 def test_backward_saves_no_dense_weight_and_no_output_sized_tensor():
     out_f, in_f, rows, r = 96, 128, 40, 4
     w, x, A, B, b = _operands((rows,), in_f, out_f, r, torch.float32)
