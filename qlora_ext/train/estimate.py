@@ -114,9 +114,7 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
         raise ValueError("the memory plan is for gradient-checkpointed runs (gradient_checkpointing=True)")
     targets = set(find_targets(model, config.target_modules, config.modules_to_save))
     weights = lora = other = saved = 0
-    # bytes of the hidden states and the non-quantized parameters: float32 when upcast (the default),
-    # else the compute dtype's (the model is assumed loaded in it); matmul intermediates: compute dtype
-    act = 4 if config.upcast_non_quantized or config.quant_type is None else config.compute_dtype.itemsize
+    act = _hidden_bytes(config)  # hidden states and non-quantized parameters; matmul intermediates: comp
     comp = config.compute_dtype.itemsize
     lora_sizes, saved_sizes = [], []
     seen = set()
@@ -173,10 +171,16 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
     return MemoryPlan(rows, paged_bytes=opt if optim.startswith("paged") else 0, host_bytes=host)
 
 
+def _hidden_bytes(config: QLoRAConfig) -> int:
+    """Bytes per element of the hidden states and non-quantized parameters: float32 when upcast (the
+    default), else the compute dtype's (the model is assumed loaded in it)."""
+    return 4 if config.upcast_non_quantized or config.quant_type is None else config.compute_dtype.itemsize
+
+
 def loss_phase_bytes(hf_config, tokens: int, config: QLoRAConfig) -> int:
     """The loss phase: 3 logits-sized float32 tensors (or 3 chunk-sized ones, with the chunk's float
     copy) and 2 hidden-sized ones."""
-    act = 4 if config.upcast_non_quantized or config.quant_type is None else config.compute_dtype.itemsize
+    act = _hidden_bytes(config)
     loss_tokens = min(tokens, config.loss_chunk_size) if config.chunked_loss else tokens
     return 3 * loss_tokens * hf_config.vocab_size * 4 + 2 * tokens * hf_config.hidden_size * act
 
