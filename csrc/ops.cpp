@@ -1,6 +1,7 @@
 // The op catalogue: every qlora:: op schema, in one place. Kernels live in cpu/ and cuda/;
 // fake (meta) kernels and autograd are registered in qlora_ext/_ops.py.
 #include <Python.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(qlora, m) {
@@ -57,6 +58,25 @@ TORCH_LIBRARY(qlora, m) {
       "(Tensor grad_x, Tensor grad_xa, Tensor grad_lora_A, Tensor grad_lora_B, Tensor grad_bias, "
       "Tensor grad_rank_scale)");
 
+  // RMSNorm as transformers' LlamaRMSNorm computes it (float32 statistics; the normalized row rounded
+  // to x's dtype, then times weight in their promoted dtype), one read of each row. x: (..., cols);
+  // weight: (cols,). Returns y (x's shape, the promoted dtype) and rstd = 1 / sqrt(mean(x^2) + eps),
+  // one per row (float32; float64 for float64 x), which the backward takes.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)");
+  // Its backward for the output gradient `grad`: grad_x (x's dtype) and grad_weight (weight's dtype),
+  // each formed only when output_mask picks it (else empty). Not differentiable itself.
+  m.def(
+      "rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, bool[2] output_mask) -> "
+      "(Tensor grad_x, Tensor grad_weight)");
+
+  // SwiGLU's activation, silu(gate) * up, computed in float32 and rounded once to gate's dtype (the
+  // unfused form rounds silu(gate) first and keeps it for the backward).
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  // Its backward: (grad_gate, grad_up) as picked by output_mask (else empty), silu recomputed from gate.
+  m.def(
+      "silu_mul_backward(Tensor grad, Tensor gate, Tensor up, bool[2] output_mask) -> "
+      "(Tensor grad_gate, Tensor grad_up)");
+
   // Fused AdamW (torch.optim.AdamW's math) over many tensors in one call. params: float32/16/bf16;
   // grads: same dtype and shape; exp_avgs / exp_avg_sqs: float32 states, updated in place.
   m.def(
@@ -83,6 +103,14 @@ TORCH_LIBRARY(qlora, m) {
   // Blockwise dynamic 8-bit quantization to the nearest of 256 sorted `code` values (used for the
   // double quantization of absmax). A: contiguous float32. Returns uint8 codes and float32 absmax.
   m.def("quantize_8bit_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
+}
+
+// The backward ops are not differentiable themselves (the forward ops' autograd, in _ops.py and
+// norm_act.py, calls them; a double backward takes differentiable ops there): on tensors that require
+// grad they fail clearly at backward instead of silently giving no gradient.
+TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
+  m.impl("rms_norm_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("silu_mul_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 // The extension is an ops library: importing qlora_ext._C runs the registrations above and in the

@@ -1,11 +1,12 @@
 """Fake (meta) kernels of the qlora:: ops, so torch.compile and FakeTensor tracing see their output
 shapes without running them. Schemas live in csrc/ops.cpp; real kernels in csrc/cpu and csrc/cuda.
-Quantization ops are not differentiable (callers pass detached tensors); linear_4bit and its input
-gradient op have autograd registered at the end of this file.
+Quantization ops are not differentiable (callers pass detached tensors); linear_4bit, its input
+gradient op, rms_norm and silu_mul have autograd registered here.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -196,6 +197,69 @@ def _grad_input_backward(ctx, gg):
 torch.library.register_autograd(
     "qlora::linear_4bit_grad_input", _grad_input_backward, setup_context=_grad_input_setup_context
 )
+
+
+# ---- RMSNorm and SwiGLU's activation ----------------------------------------------------------------
+
+def _rms_norm_check(x, weight):
+    torch._check(x.dim() >= 1 and weight.dim() == 1 and x.shape[-1] == weight.shape[0],
+                 lambda: f"weight must be 1-D with x's last dimension: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+
+
+@torch.library.register_fake("qlora::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    _rms_norm_check(x, weight)
+    rows = math.prod(x.shape[:-1])
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), x.new_empty((rows,), dtype=stat)
+
+
+@torch.library.register_fake("qlora::rms_norm_backward")
+def _rms_norm_backward_fake(grad, x, weight, rstd, output_mask):
+    _rms_norm_check(x, weight)
+    return (x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,)),
+            weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,)))
+
+
+def _rms_norm_setup_context(ctx, inputs, output):
+    x, weight, ctx.eps = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_backward(ctx, grad, _grad_rstd):
+    x, weight, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gx, gw = torch.ops.qlora.rms_norm_backward(grad.contiguous(), x, weight, rstd, [need[0], need[1]])
+    return gx if need[0] else None, gw if need[1] else None, None
+
+
+torch.library.register_autograd("qlora::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup_context)
+
+
+@torch.library.register_fake("qlora::silu_mul")
+def _silu_mul_fake(gate, up):
+    torch._check(gate.shape == up.shape, lambda: f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.register_fake("qlora::silu_mul_backward")
+def _silu_mul_backward_fake(grad, gate, up, output_mask):
+    return tuple(gate.new_empty(gate.shape) if m else gate.new_empty((0,)) for m in output_mask)
+
+
+def _silu_mul_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_mul_backward(ctx, grad):
+    gate, up = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gg, gu = torch.ops.qlora.silu_mul_backward(grad.contiguous(), gate, up, [need[0], need[1]])
+    return gg if need[0] else None, gu if need[1] else None
+
+
+torch.library.register_autograd("qlora::silu_mul", _silu_mul_backward, setup_context=_silu_mul_setup_context)
 
 
 # ---- fused AdamW steps: in place, nothing returned ------------------------------------------------

@@ -111,3 +111,17 @@ def qlora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor | N
             xa = xa * rank_scale.double()
         y = y + scaling * xa @ lora_B.double().t()
     return y + bias.double() if bias is not None else y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference of ``qlora::rms_norm``: transformers' LlamaRMSNorm written out (its statistics in
+    float64 when called on float64 tensors)."""
+    h = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Reference of ``qlora::silu_mul``: the unfused expression of transformers' Llama MLP (which rounds
+    silu(gate) to the dtype first; the op rounds once)."""
+    return torch.nn.functional.silu(gate) * up

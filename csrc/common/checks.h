@@ -238,4 +238,70 @@ inline void check_adamw8bit_extras(at::TensorList params, at::TensorList absmax_
   }
 }
 
+// ---- RMSNorm and SwiGLU -----------------------------------------------------------------------------
+
+// A float activation of the norm / activation ops: float32, float16 or bfloat16 (float64 only where
+// `allow_double`, i.e. on the CPU, for gradcheck), contiguous, on `device`.
+inline void check_norm_act_tensor(const at::Tensor& t, const char* name, const at::Device& device, bool allow_double) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || (allow_double && st == at::kDouble),
+                   name, " must be float32, float16 or bfloat16", allow_double ? " (or float64 on the CPU)" : "",
+                   ", got ", st);
+  TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, " (the device of the other operands), got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+// The dtype of rms_norm's rstd: float32, float64 for float64 x (the CPU's gradcheck dtype).
+inline at::ScalarType rms_norm_stat_dtype(at::ScalarType x) { return x == at::kDouble ? at::kDouble : at::kFloat; }
+
+// rms_norm(x, weight, eps): x (..., cols) with cols > 0, weight (cols,), eps finite and >= 0; returns cols.
+inline int64_t check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps, bool allow_double) {
+  check_norm_act_tensor(x, "x", x.device(), allow_double);
+  check_norm_act_tensor(weight, "weight", x.device(), allow_double);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "x must have a non-empty last dimension (the normalized one), got "
+                    "shape ", x.sizes());
+  const int64_t cols = x.size(-1);
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == cols, "weight must be 1-D with x's last dimension (", cols,
+                    "), got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK_TYPE(weight.scalar_type() != at::kDouble || x.scalar_type() == at::kDouble,
+                   "weight may be float64 only with float64 x, got x ", x.scalar_type());
+  return cols;
+}
+
+// rms_norm_backward(grad, x, weight, rstd, ...): grad as rms_norm's output, rstd float32 (rows,).
+inline void check_rms_norm_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& rstd, bool allow_double) {
+  check_rms_norm_args(x, weight, 0.0, allow_double);
+  check_norm_act_tensor(grad, "grad", x.device(), allow_double);
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
+  const auto out = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
+  TORCH_CHECK_TYPE(grad.scalar_type() == out, "grad must be ", out, " (the output dtype of rms_norm), got ",
+                   grad.scalar_type());
+  const int64_t rows = x.numel() / x.size(-1);
+  const auto stat = rms_norm_stat_dtype(x.scalar_type());
+  TORCH_CHECK_TYPE(rstd.scalar_type() == stat, "rstd must be ", stat, " (from rms_norm), got ", rstd.scalar_type());
+  TORCH_CHECK_VALUE(rstd.device() == x.device() && rstd.is_contiguous() && rstd.numel() == rows,
+                    "rstd must be a contiguous tensor of ", rows, " rows on ", x.device(), " (from rms_norm), got "
+                    "shape ", rstd.sizes(), " on ", rstd.device());
+}
+
+// silu_mul(gate, up) and its backward: the same shape, dtype and device (and grad too).
+inline void check_silu_mul_args(const at::Tensor& gate, const at::Tensor& up, const at::Tensor* grad,
+                                bool allow_double) {
+  check_norm_act_tensor(gate, "gate", gate.device(), allow_double);
+  check_norm_act_tensor(up, "up", gate.device(), allow_double);
+  TORCH_CHECK_VALUE(up.sizes() == gate.sizes(), "up must have gate's shape ", gate.sizes(), ", got ", up.sizes());
+  TORCH_CHECK_TYPE(up.scalar_type() == gate.scalar_type(), "up must be ", gate.scalar_type(), " (gate's dtype), got ",
+                   up.scalar_type());
+  if (grad != nullptr) {
+    check_norm_act_tensor(*grad, "grad", gate.device(), allow_double);
+    TORCH_CHECK_VALUE(grad->sizes() == gate.sizes(), "grad must have gate's shape ", gate.sizes(), ", got ",
+                      grad->sizes());
+    TORCH_CHECK_TYPE(grad->scalar_type() == gate.scalar_type(), "grad must be ", gate.scalar_type(),
+                     " (gate's dtype), got ", grad->scalar_type());
+  }
+}
+
 }  // namespace qlora

@@ -13,15 +13,6 @@
 namespace qlora {
 namespace {
 
-cuda::DType to_dtype(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return cuda::DType::F32;
-    case at::kHalf: return cuda::DType::F16;
-    case at::kBFloat16: return cuda::DType::BF16;
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", st, " (expected float32, float16 or bfloat16)");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
                                                       const std::string& quant_type) {
   check_float_input(A, "A");

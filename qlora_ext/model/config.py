@@ -37,6 +37,10 @@ class QLoRAConfig:
             ``gradient_checkpointing``).
         lora_dtype: dtype of the adapter weights (float32 default; bfloat16 halves adapters, gradients
             and what the optimizer reads).
+        fused_layers: run the decoder's RMSNorms and SwiGLU activations (transformers' Llama, Mistral,
+            Qwen2 and Qwen3) on qlora_ext's fused kernels (:mod:`qlora_ext.model.fused_layers`): the
+            same math in one kernel each way, without the float32 copy of each norm's input that the
+            unfused modules keep for their backward. False keeps the models' own forwards.
         upcast_non_quantized: with a 4-bit base, upcast the other fp16/bf16 parameters (embeddings,
             norms, head) to float32 as PEFT's ``prepare_model_for_kbit_training`` (default); False keeps
             them, and the hidden states between layers, in the model's dtype (half the activation memory).
@@ -61,6 +65,7 @@ class QLoRAConfig:
     offload_activations: bool = False
     lora_dtype: torch.dtype = torch.float32
     upcast_non_quantized: bool = True
+    fused_layers: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:

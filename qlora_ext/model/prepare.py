@@ -43,8 +43,9 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, device
     and ``modules_to_save``; with a 4-bit base, every other fp16/bf16 parameter (embeddings, norms,
     heads) upcast to float32, as PEFT's ``prepare_model_for_kbit_training`` (they train stably there);
     the rest of the model moved to ``device``; gradient checkpointing turned on (non-reentrant) when
-    the model supports it and ``config.gradient_checkpointing``. Prints the trainable-parameter count
-    when ``verbose`` (also stored as ``model.qlora_trainable``: (trainable, total)).
+    the model supports it and ``config.gradient_checkpointing``; with ``config.fused_layers`` its RMSNorms
+    and SwiGLU activations on the fused kernels (counts in ``model.qlora_fused_layers``). Prints the
+    trainable-parameter count when ``verbose`` (also stored as ``model.qlora_trainable``: (trainable, total)).
 
     Raises:
         ValueError: target_modules that match nothing, or select a module that is not ``nn.Linear``.
@@ -108,6 +109,10 @@ def finish_preparation(model: nn.Module, config: QLoRAConfig, *, device: torch.d
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    if config.fused_layers:  # before the memory options: the chunked MLP wraps the fused forward
+        from .fused_layers import enable_fused_layers
+
+        model.qlora_fused_layers = enable_fused_layers(model)
     _memory_options(model, config, context_fn)
     post = getattr(config, "post_memory", None)  # hooks that must run after the memory options' (AdaLoRA's loss term)
     if post is not None:
@@ -157,7 +162,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     for name in names:
         _set_submodule(model, name, model.get_submodule(name).to_linear(dtype))
     runtime.strip(model)
-    for attr in ("qlora_config", "qlora_trainable", "qlora_rank_allocator"):
+    for attr in ("qlora_config", "qlora_trainable", "qlora_rank_allocator", "qlora_fused_layers"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

@@ -30,7 +30,7 @@ def strip(model: nn.Module) -> None:
             handle.remove()
         if m.__dict__.pop("_qlora_patched", False):
             m.__dict__.pop("forward", None)
-        for flag in ("_qlora_chunked", "_qlora_offloaded"):
+        for flag in ("_qlora_chunked", "_qlora_offloaded", "_qlora_fused"):
             m.__dict__.pop(flag, None)
 
 
