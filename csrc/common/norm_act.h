@@ -36,17 +36,26 @@ QLORA_HD A rms_norm_grad_x(A gw, A n, A rstd, A dot_over_cols) {
 template <typename A>
 QLORA_HD A sigmoid(A g) { return A(1) / (A(1) + math_exp(-g)); }
 
-// silu(gate) * up. (exp(-gate) overflows to inf for gate < -88 in float32: silu is then -0, as torch's.)
+// silu(gate) * up = gate * s * up from s = sigmoid(gate). (The CPU kernels take s from ATen's
+// vectorized sigmoid; the CUDA ones compute it with `sigmoid` above. exp(-gate) overflows to inf for
+// gate < -88 in float32: s, and silu, are then 0, as torch's.)
 template <typename A>
-QLORA_HD A silu_mul(A gate, A up) { return gate * sigmoid(gate) * up; }
+QLORA_HD A silu_mul_s(A gate, A s, A up) { return gate * s * up; }
 
-// Gradients of silu(gate) * up for the output gradient `grad`, s = sigmoid(gate):
+template <typename A>
+QLORA_HD A silu_mul(A gate, A up) { return silu_mul_s(gate, sigmoid(gate), up); }
+
+// Gradients of silu(gate) * up for the output gradient `grad`, from s = sigmoid(gate):
 // d/dgate = grad * up * s * (1 + gate * (1 - s)), d/dup = grad * gate * s.
 template <typename A>
-QLORA_HD void silu_mul_grad(A grad, A gate, A up, A& grad_gate, A& grad_up) {
-  const A s = sigmoid(gate);
+QLORA_HD void silu_mul_grad_s(A grad, A gate, A s, A up, A& grad_gate, A& grad_up) {
   grad_up = grad * gate * s;
   grad_gate = grad * up * s * (A(1) + gate * (A(1) - s));
+}
+
+template <typename A>
+QLORA_HD void silu_mul_grad(A grad, A gate, A up, A& grad_gate, A& grad_up) {
+  silu_mul_grad_s(grad, gate, sigmoid(gate), up, grad_gate, grad_up);
 }
 
 }  // namespace qlora
