@@ -69,6 +69,9 @@ timeout "$(kbudget 180)" python3 bench/profile_gpu.py --json "$OUT_DIR/profile.j
 stage "host time per layer call (tiny shape: launch overhead only)"
 timeout "$(kbudget 40)" python3 bench/host_overhead.py --json "$OUT_DIR/host_overhead.json" 2>&1 \
   | tee "$OUT_DIR/host_overhead.txt" | tail -10
+stage "fused RMSNorm and SwiGLU activation vs the transformers modules"
+timeout "$(kbudget 60)" python3 bench/norm_act_speed.py --json "$OUT_DIR/norm_act.json" 2>&1 \
+  | tee "$OUT_DIR/norm_act.txt" | tail -14
 stage "linear layer vs dense and bitsandbytes + PEFT"
 timeout "$(kbudget 120)" python3 bench/linear_speed.py --json "$OUT_DIR/linear_speed.json" 2>&1 \
   | tee "$OUT_DIR/linear_speed.txt" | tail -30
@@ -95,7 +98,7 @@ budget() { local l=$(( HEADLINE_S - SECONDS + H0 )); (( l > $1 )) && l=$1; (( l 
 # (session 12, H200: 65B 512/2048/16384/32768 took 1 / 2 / 31 / 51 s a step; the 8B 204,800-token step
 # did not finish in 150 s)
 stage "7B end to end"
-timeout "$(budget 60)" python3 bench/e2e_train.py --shape 7b 2>&1 | tee "$OUT_DIR/headline.txt" | tail -8
+timeout "$(budget 100)" python3 bench/e2e_train.py --shape 7b 2>&1 | tee "$OUT_DIR/headline.txt" | tail -8
 stage "65B"
 timeout "$(budget 150)" python3 bench/memory_65b.py --shape 65b --seqs 2048 --probe 32768 \
   --json "$OUT_DIR/memory_65b.json" --plot "$OUT_DIR/memory_65b.png" 2>&1 | tee -a "$OUT_DIR/headline.txt" | tail -12

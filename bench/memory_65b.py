@@ -55,13 +55,14 @@ def hf_config(shape: str):
                                     rope_theta=500000.0)
 
 
-def build_ours(shape: str, device: str, plain: bool, quant_type: str | None = "nf4"):
-    """Ours (quant_type=None: a bf16 LoRA over a dense bf16 base, the unquantized reference)."""
+def build_ours(shape: str, device: str, plain: bool, quant_type: str | None = "nf4", fused_layers: bool = True):
+    """Ours (quant_type=None: a bf16 LoRA over a dense bf16 base, the unquantized reference; fused_layers:
+    the decoder's RMSNorms and SwiGLU activations on our fused kernels, else transformers' modules)."""
     r = SHAPES[shape][6]
     compute = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = QLoRAConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, compute_dtype=compute, quant_type=quant_type,
                       chunked_loss=not plain, loss_chunk_size=2048, chunked_mlp=not plain, mlp_chunk_size=4096,
-                      offload_activations=not plain,
+                      offload_activations=not plain, fused_layers=fused_layers,
                       # on the GPU as the bitsandbytes + PEFT baseline runs: bf16 adapters and hidden states
                       **({"lora_dtype": torch.bfloat16, "upcast_non_quantized": False} if device == "cuda" else {}))
     model = build_random_quantized(hf_config(shape), cfg, device=device, dtype=compute)

@@ -32,7 +32,9 @@ def test_e2e_train_tiny_on_cpu(tmp_path):
     r = _run(BENCH / "e2e_train.py", "--shape", "tiny", "--device", "cpu", "--seq", "64", "--steps", "2", "--json", out)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 3 and rows[0]["vs_bf16_lora"] == 1.0  # bf16 LoRA, ours plain, ours with every saver
+    # bf16 LoRA without and with our fused layers, ours plain without and with them, ours with every saver
+    assert len(rows) == 5 and rows[0]["vs_bf16_lora"] == 1.0
+    assert [r["stack"] for r in rows][:2] == ["bf16 LoRA (dense base)", "bf16 LoRA + our fused norm/SwiGLU"]
 
 
 def test_memory_65b_refuses_too_long_sequences():

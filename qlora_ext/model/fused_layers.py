@@ -31,13 +31,13 @@ def _mlp_forward(mlp: nn.Module):
     return forward
 
 
-def _is_fusable_norm(m: nn.Module) -> bool:
+def is_fusable_norm(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
     return (type(m).__name__ in RMSNORM_CLASSES and isinstance(w, nn.Parameter) and w.dim() == 1
             and isinstance(getattr(m, "variance_epsilon", None), float))
 
 
-def _is_fusable_mlp(m: nn.Module) -> bool:
+def is_fusable_mlp(m: nn.Module) -> bool:
     return (type(m).__name__ in GATED_MLP_CLASSES and type(getattr(m, "act_fn", None)).__name__ in _SILU_CLASSES
             and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj")))
 
@@ -49,10 +49,10 @@ def enable_fused_layers(model: nn.Module) -> dict[str, int]:
     for m in model.modules():
         if m.__dict__.get("_qlora_fused", False):
             continue
-        if _is_fusable_norm(m):
+        if is_fusable_norm(m):
             patch_forward(m, _norm_forward(m))
             counts["rms_norm"] += 1
-        elif _is_fusable_mlp(m):
+        elif is_fusable_mlp(m):
             patch_forward(m, _mlp_forward(m))
             counts["silu_mul"] += 1
         else:

@@ -9,10 +9,10 @@ gradient checkpointing: the checkpointed layer inputs, then the larger of two ph
 (3 float32 logits-sized tensors and 2 hidden-sized ones, as our training loop holds them: the model
 output is dropped before the backward; a loop that keeps it alive holds one more logits-sized tensor)
 and one layer's recompute in the backward (a linear model of attention-score, MLP-width and
-hidden-width tensors, one dequantized weight and, with LoRA dropout, the layer's bool masks). The CPU
-constants were fitted to 6 shapes measured on the CPU (float32 compute, LoRA dropout 0 and 0.05) and
-checked on 6 others: all 24 runs within 5.6% (bench/estimate_fit.py; python_tests/test_estimate.py
-re-measures three more); the GPU ones are an earlier fit that the H200 confirmed (below).
+hidden-width tensors, one dequantized weight, with LoRA dropout the layer's bool masks, less what the
+fused RMSNorm does not keep). The CPU constants were fitted to 6 shapes measured on the CPU (float32
+compute, LoRA dropout 0 and 0.05, fused layers off and on) and checked on 6 others: all 48 runs within
+8.7% (bench/estimate_fit.py; python_tests/test_estimate.py re-measures three more); the GPU ones are an earlier fit that the H200 confirmed (below).
 On a GPU (the default plan) the attention-score term is left out: SDPA's flash / memory-efficient
 kernels never hold a seq x seq tensor (eager attention keeps it); with bf16 compute the rest has the
 same structure. A GPU plan adds the CUDA libraries' workspaces that PyTorch allocates (cuBLAS / cuBLASLt),
@@ -32,15 +32,21 @@ from ..model import QLoRAConfig
 from ..model.targets import find_targets, matches
 
 _BLOCK8 = 256  # the 8-bit optimizer's block
-# one layer's backward working set in bytes: a * scores + b * T*I*c + c * T*H*act + d * I*H*c + e, per
-# device. CPU: refit in session 13 (bench/estimate_fit.py, 12 shapes x dropout 0 / 0.05, within 5.6%)
-# after the fused op stopped keeping a dropped copy of each projection's input; CUDA: the session-10
+# one layer's backward working set in bytes (without fused layers): a * scores + b * T*I*c + c * T*H*act
+# + d * I*H*c + e, per device. CPU: refit in session 13 (bench/estimate_fit.py, 12 shapes x dropout 0 /
+# 0.05, within 5.6%; unchanged by the session-14 refit with fused layers) after the fused op stopped keeping a dropped copy of each projection's input; CUDA: the session-10
 # fit, which the H200 measurements of LLaMA-65B (no dropout, whose memory the change left alone) matched
 # within 2.5% at 512-32,768 tokens.
 _RECOMPUTE = {"cpu": (0.2579, 5.959, 4.595, 1.0, -2.19e5), "cuda": (0.0267, 6.72, 16.99, 1.03, 4.26e4)}
 # bytes per element of the bool dropout masks the recompute keeps (CPU: fitted, with what native_dropout
 # holds besides them; CUDA: the masks alone, not measured yet)
 _DROPOUT_MASKS = {"cpu": 3.42, "cuda": 1.0}
+# bytes per token x hidden element that the fused RMSNorm (QLoRAConfig.fused_layers) takes off one
+# layer's recompute: the float32 copy of the norm's input that transformers' LlamaRMSNorm keeps for its
+# backward, and its transients. CPU: fitted with the constants above (bench/estimate_fit.py, float32);
+# CUDA: not measured on a GPU yet (the GPU constants above are from runs without fused layers): the
+# CPU's measurement with bf16 hidden states, as the GPU benchmarks run (2 shapes: 9.9-10.0)
+_FUSED_NORM_SAVING = {"cpu": 11.5, "cuda": 10.0}
 # what a GPU step holds beyond the tensors the plan counts: the cuBLAS / cuBLASLt workspaces PyTorch
 # allocates through its caching allocator (the measured excess on an H200, torch 2.11: 60-74 MiB)
 _CUDA_WORKSPACE_BYTES = 64 << 20
@@ -150,7 +156,8 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
     eager = device == "cpu" or getattr(hf_config, "_attn_implementation", None) == "eager"
     layer_phase = int((a * B * heads * S * S * comp if eager else 0) + b * mlp_tokens * I * comp + c * T * H * act
                       + d * I * H * comp + e
-                      + _DROPOUT_MASKS[device] * dropout_mask_bytes(model, targets, T, mlp_tokens, config))
+                      + _DROPOUT_MASKS[device] * dropout_mask_bytes(model, targets, T, mlp_tokens, config)
+                      - (_FUSED_NORM_SAVING[device] * T * H if config.fused_layers and _has_fused_norms(model) else 0))
     opt = _optimizer_bytes(lora_sizes + ([saved] if saved else []), optim)
     workspaces = _CUDA_WORKSPACE_BYTES if device == "cuda" else 0
     quant = f"{config.quant_type.upper()}{' + DQ' if config.double_quant else ''}" if config.quant_type else "fp32"
@@ -175,6 +182,13 @@ def _hidden_bytes(config: QLoRAConfig) -> int:
     """Bytes per element of the hidden states and non-quantized parameters: float32 when upcast (the
     default), else the compute dtype's (the model is assumed loaded in it)."""
     return 4 if config.upcast_non_quantized or config.quant_type is None else config.compute_dtype.itemsize
+
+
+def _has_fused_norms(model: nn.Module) -> bool:
+    """Whether prepare_model would put the fused RMSNorm into this model (QLoRAConfig.fused_layers)."""
+    from ..model.fused_layers import is_fusable_norm
+
+    return any(is_fusable_norm(m) for m in model.modules())
 
 
 def loss_phase_bytes(hf_config, tokens: int, config: QLoRAConfig) -> int:
