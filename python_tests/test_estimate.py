@@ -16,13 +16,14 @@ from qlora_ext.train.estimate import estimate, measure_training_peak_cpu, plan_f
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("H,I,L,V,S,B,in_backward,dropout", [
-    (96, 288, 3, 3000, 80, 3, False, 0.05), (160, 432, 2, 700, 160, 4, False, 0.05),
-    (160, 432, 2, 700, 160, 4, True, 0.05), (160, 432, 2, 700, 160, 4, False, 0.0)])
-def test_plan_matches_measured_peak(H, I, L, V, S, B, in_backward, dropout):
+@pytest.mark.parametrize("H,I,L,V,S,B,in_backward,dropout,fused", [
+    (96, 288, 3, 3000, 80, 3, False, 0.05, True), (160, 432, 2, 700, 160, 4, False, 0.05, True),
+    (160, 432, 2, 700, 160, 4, True, 0.05, True), (160, 432, 2, 700, 160, 4, False, 0.0, True),
+    (160, 432, 2, 700, 160, 4, False, 0.0, False)])
+def test_plan_matches_measured_peak(H, I, L, V, S, B, in_backward, dropout, fused):
     cfg = transformers.LlamaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=V, max_position_embeddings=S)
-    qcfg = QLoRAConfig(r=8, compute_dtype=torch.float32, lora_dropout=dropout)
+    qcfg = QLoRAConfig(r=8, compute_dtype=torch.float32, lora_dropout=dropout, fused_layers=fused)
     torch.manual_seed(0)
     model = prepare_model(transformers.LlamaForCausalLM(cfg), qcfg, verbose=False).train()
     opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -37,6 +38,23 @@ def test_plan_matches_measured_peak(H, I, L, V, S, B, in_backward, dropout):
         meta = transformers.LlamaForCausalLM(cfg)
     plan = plan_from_model(meta, cfg, S, B, qcfg, step_in_backward=in_backward, device="cpu")
     assert abs(plan.total - measured) / measured < 0.10, (plan.total, measured, plan.rows)
+
+
+def test_fused_layers_take_the_norm_saving_off_the_layer_phase():
+    from qlora_ext.train.estimate import _FUSED_NORM_SAVING
+
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=4096)
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(cfg)
+    for device in ("cpu", "cuda"):
+        on, off = (plan_from_model(meta, cfg, 1024, 2, QLoRAConfig(r=8, fused_layers=f), device=device) for f in (True, False))
+        assert abs(off.total - on.total - _FUSED_NORM_SAVING[device] * 2048 * 256) <= 1
+    for m in meta.modules():  # norms that are not the fused kernel's math (as Gemma's): no saving planned
+        if type(m).__name__ == "LlamaRMSNorm":
+            m.variance_epsilon = None
+    on, off = (plan_from_model(meta, cfg, 1024, 2, QLoRAConfig(r=8, fused_layers=f), device="cpu") for f in (True, False))
+    assert on.total == off.total
 
 
 def test_static_terms_are_exact_and_fit_verdict(tmp_path):

@@ -40,6 +40,8 @@ def _finetune_parser(sub) -> None:
     ft.add_argument("--lora-dropout", type=float, default=0.05)
     ft.add_argument("--target-modules", default="all-linear", help="'all-linear', comma-separated names, or a regex")
     ft.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "none"])
+    ft.add_argument("--no-fused-layers", action="store_true",
+                    help="keep the model's own RMSNorm and SwiGLU forwards (causal LM; default: our fused kernels)")
     ft.add_argument("--optim", default="paged_adamw_32bit", choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"])
     ft.add_argument("--step-in-backward", action="store_true",
                     help="update each tensor in the backward pass and free its gradient: the gradients never all "
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--optim", default="paged_adamw_32bit", choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"])
     est.add_argument("--gpu-gb", type=float, default=None,
                      help="say whether the run fits a GPU of this many GiB, and the longest sequence that does")
+    est.add_argument("--no-fused-layers", action="store_true", help="plan without the fused RMSNorm / SwiGLU kernels")
     est.add_argument("--chunked-loss", action="store_true", help="plan with the chunked causal-LM loss")
     est.add_argument("--chunked-mlp", action="store_true", help="plan with the sequence-chunked MLP")
     est.add_argument("--device", default="cuda", choices=["cuda", "cpu"],

@@ -194,7 +194,8 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
 def finetune_from_args(args) -> dict:
     config = QLoRAConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                          target_modules=parse_target_modules(args.target_modules),
-                         quant_type=None if args.quant_type == "none" else args.quant_type)
+                         quant_type=None if args.quant_type == "none" else args.quant_type,
+                         fused_layers=not getattr(args, "no_fused_layers", False))
     report = finetune(args.model, args.data, args.output, steps=args.steps or 100, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, seq_len=args.seq_len, packing=args.packing,
                       config=config, optim=args.optim, eval_every=args.eval_every, eval_fraction=args.eval_fraction,

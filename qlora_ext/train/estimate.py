@@ -283,7 +283,7 @@ def main_from_args(args) -> MemoryPlan:
 
     config = QLoRAConfig(r=args.r, target_modules=parse_target_modules(args.target_modules), quant_type=None if args.quant_type == "none" else args.quant_type,
                          chunked_loss=args.chunked_loss, chunked_mlp=args.chunked_mlp,
-                         offload_activations=args.offload,
+                         offload_activations=args.offload, fused_layers=not getattr(args, "no_fused_layers", False),
                          **({"upcast_non_quantized": False, "lora_dtype": torch.bfloat16} if args.bf16 else {}))
     plan = estimate(args.model, args.seq_len, args.batch, config, args.optim, args.step_in_backward, args.device)
     print(plan.format(args.gpu_gb))
