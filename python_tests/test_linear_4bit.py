@@ -55,9 +55,11 @@ def _check_against_reference(dtype, lead, in_f, out_f, r, bias, lora, double_qua
         yp = yp + ((xp @ Ap.t()) * 0.5) @ Bp.t()
     yp.backward(g)
 
-    # a floor for tiny outputs, where twice the plain path's error is itself noise: 1e-6 (fp32) or half
-    # an ulp (16-bit types)
-    floor = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 0.5 * torch.finfo(dtype).eps)
+    # a floor where twice the plain path's error is itself noise: 1e-5 (fp32) or half an ulp (16-bit
+    # types). (A rank-1 adapter's gradients hang on one 33-term dot product: when it cancels, both paths'
+    # relative errors grow with the cancellation, and the plain path can be luckier: 3.2e-6 against 7.7e-7
+    # was seen, so a 1e-6 floor made the test fail on some seeds.)
+    floor = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 0.5 * torch.finfo(dtype).eps)
     for name, got, want, base in [("y", y, y64, yp)] + [
         (f"grad[{i}]", a.grad, c.grad, p.grad) for i, (a, c, p) in enumerate(zip(leaves, ref_leaves, plain))
     ]:
@@ -339,8 +341,14 @@ def test_fused_dropout_matches_reference(dtype):
     assert _rel(y, y64) < tol
     for got, want in zip(leaves, ref_leaves):
         assert _rel(got.grad, want.grad) < (tol if dtype != torch.float32 else 1e-4)
-    torch.manual_seed(78)  # another seed, another mask: the output moves
-    assert _rel(qlora_linear(x, packed, state, A, B, 0.6, b, dropout_p=0.4), y.detach()) > 1e-3
+    # another seed, another mask: the LoRA term moves (over a zero base weight and no bias, so that the
+    # base term, whose rows are scaled by up to e^6, cannot hide it: with them a 1e-3 bound failed on
+    # some seeds)
+    zp, zs = quantize_4bit(torch.zeros(out_f, in_f), blocksize=32)
+    torch.manual_seed(77)
+    y77 = qlora_linear(x, zp, zs, A, B, 0.6, None, dropout_p=0.4)
+    torch.manual_seed(78)
+    assert _rel(qlora_linear(x, zp, zs, A, B, 0.6, None, dropout_p=0.4), y77) > 0.1
 
 
 def test_fused_dropout_compiles_like_eager():
