@@ -264,3 +264,167 @@ def test_cuda_torch_compile_matches_eager(cuda_device):
     (gc,) = torch.autograd.grad(compiled, x)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(gc, ge)
+
+
+# ---- both devices: shapes the CUDA launch depends on (rows, partial-sum grid), views, empty inputs,
+# output_mask (the CUDA forms against the CPU op, the CPU ones against float64 autograd) -------------
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """Each test below runs on the CPU and (marked `cuda`, so skipped without a GPU) on the GPU."""
+    return request.getfixturevalue("cuda_device") if request.param == "cuda" else torch.device("cpu")
+
+
+def _rms_norm_both_grads(g, x, w, rstd):
+    return torch.ops.qlora.rms_norm_backward(g, x, w, rstd, [True, True])
+
+
+def _check_rms_norm_on(device, x, w, g, eps=1e-6):
+    """rms_norm and its backward of the CPU tensors x, w, g on `device`: against the CPU op there, and on
+    the CPU against float64 autograd of the ideal expression (the CPU test's tolerances)."""
+    xdt, wdt = x.dtype, w.dtype
+    y, rstd = torch.ops.qlora.rms_norm(x, w, eps)
+    gx, gw = _rms_norm_both_grads(g, x, w, rstd)
+    assert y.dtype == torch.promote_types(xdt, wdt) and gx.dtype == xdt and gw.dtype == wdt
+    if device.type == "cpu":
+        _close(y, _ideal_rms_norm(x, w, eps), 2 * (TOL[xdt] + TOL[y.dtype]))
+        x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+        rx, rw = torch.autograd.grad(_ideal_rms_norm(x64, w64, eps), (x64, w64), g.double())
+        _close(gx, rx, 4 * TOL[xdt])
+        _close(gw, rw, 4 * (TOL[xdt] + TOL[wdt]))
+        return
+    xd, wd, gd = x.to(device), w.to(device), g.to(device)
+    yd, rstdd = torch.ops.qlora.rms_norm(xd, wd, eps)
+    _close(yd.cpu(), y, TOL[xdt] + TOL[y.dtype])
+    torch.testing.assert_close(rstdd.cpu(), rstd, rtol=1e-5, atol=0)
+    gxd, gwd = _rms_norm_both_grads(gd, xd, wd, rstdd)
+    assert gxd.dtype == xdt and gwd.dtype == wdt and gxd.shape == x.shape and gwd.shape == w.shape
+    _close(gxd.cpu(), gx, 4 * TOL[xdt])
+    _close(gwd.cpu(), gw, 4 * (TOL[xdt] + TOL[wdt]))
+    # the weight gradient alone (no grad_x kernel) is the same partial sums
+    _, gw_only = torch.ops.qlora.rms_norm_backward(gd, xd, wd, rstdd, [False, True])
+    torch.testing.assert_close(gw_only, gwd)
+
+
+# rows: many (the weight gradient's partial-sum grid at its 128 cap, rows not a multiple of it), few (one
+# partial row), and a q/k-norm shape (8192 rows of head_dim 128, 4-D)
+ROWS_SHAPES = [(5000, 512), (5000, 4099), (3, 4096), (3, 77), (2, 1024, 4, 128)]
+
+
+@pytest.mark.parametrize("shape", ROWS_SHAPES)
+@pytest.mark.parametrize("xdt,wdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                     (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+def test_rms_norm_many_and_few_rows(device, shape, xdt, wdt):
+    x = (torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 10).to(xdt)
+    w = (torch.rand(shape[-1]) + 0.5).to(wdt)
+    g = torch.randn(shape).to(torch.promote_types(xdt, wdt))
+    _check_rms_norm_on(device, x, w, g)
+
+
+def _offset_view(t, device):
+    """t's values in a view starting one element into a fresh buffer on `device` (on the GPU: not on a
+    16-byte boundary, so the scalar path), contiguous."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.storage_offset() == 1
+    return view
+
+
+@pytest.mark.parametrize("misaligned", [("weight",), ("grad",), ("x",), ("weight", "grad", "x")],
+                         ids=["weight", "grad", "x", "all"])
+@pytest.mark.parametrize("xdt,wdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                     (torch.bfloat16, torch.float32)])
+def test_rms_norm_backward_of_offset_views(device, misaligned, xdt, wdt):
+    rows, cols = 37, 4096  # 4096: whole 16-byte vectors per row, so only the offset decides the path
+    x = (torch.randn(rows, cols) * 3).to(xdt).to(device)
+    w = (torch.rand(cols) + 0.5).to(wdt).to(device)
+    g = torch.randn(rows, cols).to(torch.promote_types(xdt, wdt)).to(device)
+    y, rstd = torch.ops.qlora.rms_norm(x, w, 1e-6)
+    gx, gw = _rms_norm_both_grads(g, x, w, rstd)
+    xv = _offset_view(x, device) if "x" in misaligned else x
+    wv = _offset_view(w, device) if "weight" in misaligned else w
+    gv = _offset_view(g, device) if "grad" in misaligned else g
+    yv, rstdv = torch.ops.qlora.rms_norm(xv, wv, 1e-6)
+    _close(yv, y, TOL[xdt] + TOL[y.dtype])  # vector and scalar paths sum a row in different orders
+    torch.testing.assert_close(rstdv, rstd, rtol=1e-5, atol=0)
+    gxv, gwv = _rms_norm_both_grads(gv, xv, wv, rstd)
+    _close(gxv, gx, 4 * TOL[xdt])
+    _close(gwv, gw, 4 * (TOL[xdt] + TOL[wdt]))
+    # and against the CPU op / float64 on plain CPU copies
+    _check_rms_norm_on(device, x.cpu(), w.cpu(), g.cpu())
+    if device.type == "cuda":
+        gx_cpu, gw_cpu = _rms_norm_both_grads(g.cpu(), x.cpu(), w.cpu(), rstd.cpu())
+        _close(gxv.cpu(), gx_cpu, 4 * TOL[xdt])
+        _close(gwv.cpu(), gw_cpu, 4 * (TOL[xdt] + TOL[wdt]))
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64), (0, 4099)])
+@pytest.mark.parametrize("xdt,wdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                     (torch.float16, torch.float32)])
+def test_rms_norm_zero_rows(device, shape, xdt, wdt):
+    x = torch.randn(shape, device=device).to(xdt)
+    w = (torch.rand(shape[-1], device=device) + 0.5).to(wdt)
+    out = torch.promote_types(xdt, wdt)
+    y, rstd = torch.ops.qlora.rms_norm(x, w, 1e-6)
+    assert y.shape == shape and y.dtype == out and y.device == x.device
+    assert rstd.shape == (0,) and rstd.dtype == torch.float32 and rstd.device == x.device
+    g = torch.randn(shape, device=device).to(out)
+    for mask in ([True, True], [True, False], [False, True], [False, False]):
+        gx, gw = torch.ops.qlora.rms_norm_backward(g, x, w, rstd, mask)
+        assert gx.shape == (shape if mask[0] else (0,)) and gx.dtype == xdt and gx.device == x.device
+        assert gw.shape == ((shape[-1],) if mask[1] else (0,)) and gw.dtype == wdt and gw.device == x.device
+        if mask[1]:
+            assert torch.count_nonzero(gw).item() == 0  # an empty sum: zeros, not uninitialized memory
+    # through autograd
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    yr = rms_norm(xr, wr)
+    assert yr.shape == shape and yr.dtype == out
+    ax, aw = torch.autograd.grad(yr, (xr, wr), torch.ones_like(yr))
+    assert ax.shape == shape and ax.dtype == xdt
+    assert aw.shape == (shape[-1],) and aw.dtype == wdt and torch.count_nonzero(aw).item() == 0
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4096)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_silu_mul_empty(device, shape, dtype):
+    gate = torch.randn(shape, device=device).to(dtype)
+    up = torch.randn(shape, device=device).to(dtype)
+    out = torch.ops.qlora.silu_mul(gate, up)
+    assert out.shape == shape and out.dtype == dtype and out.device == gate.device
+    g = torch.randn(shape, device=device).to(dtype)
+    for mask in ([True, True], [True, False], [False, True], [False, False]):
+        got = torch.ops.qlora.silu_mul_backward(g, gate, up, mask)
+        for t, m in zip(got, mask):
+            assert t.shape == (shape if m else (0,)) and t.dtype == dtype and t.device == gate.device
+    gr, ur = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    res = silu_mul(gr, ur)
+    assert res.shape == shape and res.dtype == dtype
+    ag, au = torch.autograd.grad(res, (gr, ur), torch.ones_like(res))
+    assert ag.shape == au.shape == shape and ag.dtype == au.dtype == dtype
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (37, 4096), (5000, 512)])
+@pytest.mark.parametrize("xdt,wdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                     (torch.bfloat16, torch.float32)])
+def test_rms_norm_backward_output_mask(device, shape, xdt, wdt):
+    """rms_norm_backward forms only what output_mask picks: the picked gradient as with [True, True],
+    the other empty (shape (0,), its own dtype) -- the schema's contract (csrc/ops.cpp)."""
+    x = (torch.randn(shape) * 3).to(xdt).to(device)
+    w = (torch.rand(shape[-1]) + 0.5).to(wdt).to(device)
+    g = torch.randn(shape).to(torch.promote_types(xdt, wdt)).to(device)
+    _, rstd = torch.ops.qlora.rms_norm(x, w, 1e-6)
+    gx, gw = _rms_norm_both_grads(g, x, w, rstd)
+    gx_only, gw_none = torch.ops.qlora.rms_norm_backward(g, x, w, rstd, [True, False])
+    gx_none, gw_only = torch.ops.qlora.rms_norm_backward(g, x, w, rstd, [False, True])
+    none_x, none_w = torch.ops.qlora.rms_norm_backward(g, x, w, rstd, [False, False])
+    for t, dt in ((gw_none, wdt), (gx_none, xdt), (none_x, xdt), (none_w, wdt)):
+        assert t.shape == (0,) and t.dtype == dt and t.device == x.device
+    assert gx_only.shape == x.shape and gx_only.dtype == xdt
+    assert gw_only.shape == w.shape and gw_only.dtype == wdt
+    torch.testing.assert_close(gx_only, gx)  # the same kernel each way
+    torch.testing.assert_close(gw_only, gw)
+    if device.type == "cuda":
+        gx_cpu, gw_cpu = _rms_norm_both_grads(g.cpu(), x.cpu(), w.cpu(), rstd.cpu())
+        _close(gx_only.cpu(), gx_cpu, 4 * TOL[xdt])
+        _close(gw_only.cpu(), gw_cpu, 4 * (TOL[xdt] + TOL[wdt]))

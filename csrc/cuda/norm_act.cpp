@@ -33,6 +33,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::
   const int64_t cols = check_rms_norm_args(x, weight, eps, /*allow_double=*/false);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.numel() / cols;
+  TORCH_CHECK_VALUE(rows <= INT32_MAX, "x must have at most 2^31-1 rows (one CUDA block each), got ", rows);
   auto y = at::empty(x.sizes(), x.options().dtype(c10::promoteTypes(x.scalar_type(), weight.scalar_type())));
   auto rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   if (rows == 0) return {y, rstd};
@@ -50,6 +51,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
   check_rms_norm_backward_args(grad, x, weight, rstd, /*allow_double=*/false);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t cols = x.size(-1), rows = x.numel() / cols;
+  TORCH_CHECK_VALUE(rows <= INT32_MAX, "x must have at most 2^31-1 rows (one CUDA block each), got ", rows);
   at::Tensor gx = at::empty(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options());
   if (rows == 0 || !(output_mask[0] || output_mask[1])) {
     return {gx, output_mask[1] ? at::zeros(weight.sizes(), weight.options()) : at::empty({0}, weight.options())};
