@@ -3,7 +3,7 @@ same run: a plain reference (full dequantize + matmul + LoRA), the same unfused 
 kernel, a dense (unquantized) nn.Linear + LoRA, and bitsandbytes Linear4bit + PEFT LoRA when
 installed. Prints a table; --json FILE.
 
-    python bench/linear_speed.py [--json out.json] [--cpu-only]
+    python bench/linear_speed.py [--json out.json] [--cpu-only] [--cpu-dtypes float32,bfloat16,float16]
 """
 from __future__ import annotations
 
@@ -76,17 +76,21 @@ def _fwd_bwd(fn, x):
     y.backward(torch.ones_like(y))
 
 
-def cpu_bench(rows: list, n: int = 2048, batch: int = 512, r: int = 16) -> None:
+def cpu_bench(rows: list, dtypes: list, n: int = 2048, batch: int = 512, r: int = 16) -> None:
+    """Forward + backward at issue 3's CPU shape. `gemm` says what our op multiplied in: a 16-bit dtype
+    whose CPU GEMM is a slow fallback is upcast to float32 (qlora_ext.cpu_gemm_dtype); the other
+    variants run torch's own 16-bit GEMM, as a user's plain PyTorch code would."""
     w = torch.randn(n, n) / n**0.5
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         x = torch.randn(batch, n, dtype=dtype, requires_grad=True)
         times = {name: cpu_time(lambda fn=fn: _fwd_bwd(fn, x), reps=3)
                  for name, (fn, _) in _variants(w, r, dtype, "cpu").items()}
         base = times["ours (fused)"]
         for name, t in times.items():
             rows.append(dict(device="cpu", threads=torch.get_num_threads(), work="fwd+bwd", shape=f"{n}x{n}",
-                             rows=batch, r=r, dtype=str(dtype)[6:], variant=name, ms=t * 1e3,
-                             ours_speedup=t / base))
+                             rows=batch, r=r, dtype=str(dtype)[6:],
+                             gemm=str(qlora_ext.cpu_gemm_dtype(dtype))[6:] if name == "ours (fused)" else None,
+                             variant=name, ms=t * 1e3, ours_speedup=t / base))
 
 
 def cpu_decode_bench(rows: list, r: int = 16) -> None:
@@ -156,7 +160,7 @@ def gpu_bench(rows: list, ceilings: dict) -> None:
         torch.cuda.empty_cache()
 
 
-COLUMNS = ["device", "work", "shape", "rows", "r", "dtype", "variant", "ms", "ours_speedup", "packed_frac_bw",
+COLUMNS = ["device", "work", "shape", "rows", "r", "dtype", "gemm", "variant", "ms", "ours_speedup", "packed_frac_bw",
            "peak_extra_MiB"]
 
 
@@ -164,12 +168,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--cpu-only", action="store_true")
+    ap.add_argument("--cpu-dtypes", default="float32,bfloat16,float16",
+                    help="dtypes of the CPU fwd+bwd rows, comma-separated (empty: none)")
     args = ap.parse_args()
+    cpu_dtypes = [getattr(torch, d) for d in args.cpu_dtypes.split(",") if d]
     torch.manual_seed(0)
     rows: list = []
     ceilings: dict = {}
     t0 = time.time()
-    cpu_bench(rows)
+    cpu_bench(rows, cpu_dtypes)
     cpu_decode_bench(rows)
     if torch.cuda.is_available() and not args.cpu_only:
         gpu_bench(rows, ceilings)

@@ -102,6 +102,11 @@ TORCH_LIBRARY(qlora, m) {
 
   // Blockwise dynamic 8-bit quantization to the nearest of 256 sorted `code` values (used for the
   // double quantization of absmax). A: contiguous float32. Returns uint8 codes and float32 absmax.
+  // True when the kernels run a GEMM of t's dtype on t's device in float32 instead: float16 / bfloat16
+  // CPU tensors where this CPU's 16-bit GEMM is a slow fallback (QLORA_EXT_CPU_GEMM16: auto, native,
+  // float32). For logs and benchmarks (cpu_gemm_dtype); the first call per dtype runs a short probe.
+  m.def("gemm_upcasts(Tensor t) -> bool");
+
   m.def("quantize_8bit_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
 }
 

@@ -602,7 +602,7 @@ def test_cpu_decode_path_matches_reference(monkeypatch, dtype, rows, in_f, out_f
     time, AVX2 register tiles of dot products): equal to the float64 reference within the plain path's
     error budget, for in_features not a multiple of the block (chunks of whole blocks spanning rows), a
     block larger than a row, the scalar path (no AVX2), one output; QLORA_EXT_GEMV=0 gives the tile
-    path instead, which 16-bit x always takes (checked the same way)."""
+    path instead, which 16-bit x takes where the CPU multiplies 16 bits natively (checked the same way)."""
     if not avx2:
         monkeypatch.setenv("QLORA_EXT_DISABLE_AVX2", "1")
     w, x, A, B, b = _operands((rows,), in_f, out_f, 4, dtype)
@@ -633,6 +633,58 @@ def test_gemv_setting_is_checked_on_the_cpu(monkeypatch):
     monkeypatch.setenv("QLORA_EXT_GEMV", "fast")
     with pytest.raises(ValueError, match="QLORA_EXT_GEMV must be auto, 0, 1 or tc, got 'fast'"):
         qlora_linear(x, packed, state, A, B, 1.0, b)
+
+
+@pytest.mark.parametrize("mode", ["native", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}r{c[3]}")
+def test_cpu_16bit_gemm_modes_match_reference(monkeypatch, mode, dtype, case):
+    """16-bit x on the CPU multiplies in its own dtype ("native") or upcast to float32 ("float32", what
+    the auto setting picks where the CPU's 16-bit GEMM is a slow scalar fallback): either way the forward
+    and every gradient are within the plain 16-bit path's error budget against the float64 reference, on
+    the tile path, the decode path (one row: float32 GEMMs take it) and with leading dims."""
+    import qlora_ext
+
+    monkeypatch.setenv("QLORA_EXT_CPU_GEMM16", mode)
+    assert qlora_ext.cpu_gemm_dtype(dtype) == (dtype if mode == "native" else torch.float32)
+    lead, in_f, out_f, r = case
+    _check_against_reference(dtype, lead, in_f, out_f, r, bias=True, lora=True, double_quant=True, quant_type="nf4")
+
+
+@pytest.mark.parametrize("mode", ["native", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("form", ["fused", "per-row", "dropout", "xa-outside"])
+def test_cpu_16bit_gemm_modes_backward_op(monkeypatch, mode, dtype, form):
+    """The C++ backward with its r-wide GEMMs in either mode equals the differentiable Python backward
+    (whose torch ops multiply in 16 bits) within the 16-bit tolerance."""
+    monkeypatch.setenv("QLORA_EXT_CPU_GEMM16", mode)
+    _check_backward_op_equals_differentiable_backward(dtype, form)
+
+
+def test_cpu_gemm16_setting(monkeypatch):
+    """QLORA_EXT_CPU_GEMM16: unset or auto, one stable choice per dtype (its own or float32); native and
+    float32 force one; float32 / float64 are never changed; another value is refused, naming the
+    variable, by the query and by the op on CPU tensors of any dtype; kernels_in_use reports the choice."""
+    import qlora_ext
+
+    half = (torch.float16, torch.bfloat16)
+    monkeypatch.delenv("QLORA_EXT_CPU_GEMM16", raising=False)
+    auto = {dt: qlora_ext.cpu_gemm_dtype(dt) for dt in half}
+    assert all(auto[dt] in (dt, torch.float32) for dt in half)
+    for mode, want in [("auto", auto), ("native", {dt: dt for dt in half}),
+                       ("float32", {dt: torch.float32 for dt in half})]:
+        monkeypatch.setenv("QLORA_EXT_CPU_GEMM16", mode)
+        assert {dt: qlora_ext.cpu_gemm_dtype(dt) for dt in half} == want
+        assert all(qlora_ext.cpu_gemm_dtype(dt) == dt for dt in (torch.float32, torch.float64))
+    assert "16-bit GEMMs: bfloat16 in float32, float16 in float32" in qlora_ext.kernels_in_use("cpu")
+    monkeypatch.setenv("QLORA_EXT_CPU_GEMM16", "fast")
+    with pytest.raises(ValueError, match="QLORA_EXT_CPU_GEMM16 must be auto, native or float32, got 'fast'"):
+        qlora_ext.cpu_gemm_dtype(torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        w, x, A, B, b = _operands((20,), 64, 8, 2, dtype)
+        packed, state = quantize_4bit(w)
+        with pytest.raises(ValueError, match="QLORA_EXT_CPU_GEMM16"):
+            qlora_linear(x, packed, state, A, B, 1.0, b)
 
 
 @pytest.mark.parametrize("out_f,in_f,bs", [(1000, 4200, 64), (4097, 1100, 64), (130, 33000, 4096)])

@@ -45,7 +45,22 @@ def kernels_in_use(device: str | None = None) -> str:
         return (f"qlora_ext: CUDA kernels on {torch.cuda.get_device_name(torch.device(device))}; "
                 f"fused decode kernel {gemv}")
     cuda_note = "CUDA kernels compiled in, no GPU visible" if built_with_cuda() else "CPU-only build"
-    return f"qlora_ext: CPU kernels ({torch.get_num_threads()} threads; {cuda_note})"
+    gemm16 = ", ".join(f"{name} {'native' if cpu_gemm_dtype(dt) == dt else 'in float32'}"
+                       for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)))
+    return f"qlora_ext: CPU kernels ({torch.get_num_threads()} threads; 16-bit GEMMs: {gemm16}; {cuda_note})"
 
 
-__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "built_with_cuda", "kernels_in_use", "__version__"]
+def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU kernels multiply ``dtype`` operands in.
+
+    float32 for float16 / bfloat16 where this CPU's 16-bit GEMM is a slow scalar fallback (no AVX-512 /
+    AMX support for that dtype): the operands are upcast exactly, multiplied with float32 accumulation
+    (as a native 16-bit GEMM accumulates) and the result rounded to ``dtype`` once. Otherwise ``dtype``.
+    Chosen once per dtype by a short timing probe; ``QLORA_EXT_CPU_GEMM16=native`` or ``=float32``
+    forces one or the other (read on every call).
+    """
+    return torch.float32 if torch.ops.qlora.gemm_upcasts(torch.empty(0, dtype=dtype)) else dtype
+
+
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "built_with_cuda", "kernels_in_use", "cpu_gemm_dtype",
+           "__version__"]

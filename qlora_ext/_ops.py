@@ -290,3 +290,11 @@ def _paged_prefetch_fake(t, to_device):
 @torch.library.register_fake("qlora::is_paged")
 def _is_paged_fake(t):
     return False
+
+
+# ---- policy queries -----------------------------------------------------------------------------------
+
+@torch.library.register_fake("qlora::gemm_upcasts")
+def _gemm_upcasts_fake(t):
+    # a fake tensor has no CPU to probe; the query is for logs, not for traced code
+    return False

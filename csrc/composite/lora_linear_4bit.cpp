@@ -25,6 +25,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/gemm_dtype.h"
 
 namespace qlora {
 namespace {
@@ -68,12 +69,15 @@ at::Tensor linear_4bit_grad_input(const at::Tensor& grad, const Weight4bit& w, c
                  w.nested_absmax, w.nested_code, w.offset, w.nested_blocksize, lora_grad, lora_A);
 }
 
-at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
-
-// alpha * (a @ b) in one GEMM (beta = 0: the output's initial contents are ignored)
-at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
+// alpha * (a @ b) in one GEMM (alpha != 1: addmm with beta = 0, the output's initial contents ignored),
+// returned in a's dtype; computed in gemm_dtype(a): float32 for 16-bit CPU operands where the CPU has no
+// fast 16-bit GEMM (common/gemm_dtype.h), else a's dtype.
+at::Tensor lora_mm(const at::Tensor& a, const at::Tensor& b, double alpha = 1.0) {
+  const at::ScalarType gemm = gemm_dtype(a);
+  const at::Tensor ag = cast_to(a, gemm), bg = cast_to(b, gemm);
+  if (alpha == 1.0) return cast_to(at::mm(ag, bg), a.scalar_type());
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, ag.options());
+  return cast_to(at::addmm_out(out, out, ag, bg, /*beta=*/0, /*alpha=*/alpha), a.scalar_type());
 }
 
 // (rows, r) * rank_scale, rank_scale (r,) or (*lead, r) with rows = prod(lead): an expanded rank_scale
@@ -132,10 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_4bit_fwd(
   if (dropout_p > 0) std::tie(xd, mask) = at::native_dropout(x, dropout_p, /*train=*/true);
   at::Tensor xa, xa_raw;
   if (rank_scale) {
-    xa_raw = at::mm(xd, lora_A.t());
-    xa = cast(scale_ranks(xa_raw, *rank_scale) * scaling, x.scalar_type());
+    xa_raw = lora_mm(xd, lora_A.t());
+    xa = cast_to(scale_ranks(xa_raw, *rank_scale) * scaling, x.scalar_type());
   } else {  // the scaling as the GEMM's alpha: one launch, one rounding; no x A^T to keep
-    xa = scaled_mm(xd, lora_A.t(), scaling);
+    xa = lora_mm(xd, lora_A.t(), scaling);
     xa_raw = at::empty({0}, x.options());
   }
   OptTensor b = bias ? OptTensor(bias->contiguous()) : std::nullopt;
@@ -177,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_x, grad_xa, grad_A, grad_B, grad_bias, grad_rs;
   const bool lora_path = fused && (need_x || need_A || need_rs);  // the gradient through x A^T
   if (need_x && !lora_path) grad_x = linear_4bit_grad_input(grad, w, std::nullopt, std::nullopt);
-  if (need_xa) grad_xa = at::mm(grad, lora_B);
-  if (need_B) grad_B = at::mm(grad.t(), xa);
+  if (need_xa) grad_xa = lora_mm(grad, lora_B);
+  if (need_B) grad_B = lora_mm(grad.t(), xa);
   if (need_bias) grad_bias = grad.sum(0);
   if (lora_path) {
     const at::Tensor x = x_in->reshape({-1, in_f});
@@ -187,29 +191,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // the gradient of the scaled r-wide activations, then of x A^T
     at::Tensor g_r;
     if (!rank_scale) {
-      g_r = scaled_mm(grad, lora_B, scaling);
+      g_r = lora_mm(grad, lora_B, scaling);
     } else {  // (as autograd would: the scaled product is in the promoted dtype)
-      g_r = cast(at::mm(grad, lora_B), at::promote_types(xa_raw->scalar_type(), rank_scale->scalar_type())) * scaling;
+      g_r = cast_to(lora_mm(grad, lora_B), at::promote_types(xa_raw->scalar_type(), rank_scale->scalar_type())) * scaling;
       if (need_rs) {
-        const at::Tensor prod = g_r * cast(*xa_raw, g_r.scalar_type());
-        grad_rs = cast(rank_scale->dim() == 1 ? prod.sum(0) : prod.view(rank_scale->sizes()),
+        const at::Tensor prod = g_r * cast_to(*xa_raw, g_r.scalar_type());
+        grad_rs = cast_to(rank_scale->dim() == 1 ? prod.sum(0) : prod.view(rank_scale->sizes()),
                        rank_scale->scalar_type());
       }
       g_r = scale_ranks(g_r, *rank_scale);
     }
-    const at::Tensor g_lora = cast(g_r, x.scalar_type());
+    const at::Tensor g_lora = cast_to(g_r, x.scalar_type());
     if (!dropout_mask) {
-      if (need_A) grad_A = cast(at::mm(g_lora.t(), x), lora_A->scalar_type());
+      if (need_A) grad_A = cast_to(lora_mm(g_lora.t(), x), lora_A->scalar_type());
       if (need_x) grad_x = linear_4bit_grad_input(grad, w, g_lora, *lora_A);  // g W + g_lora A, one GEMM's output
     } else {  // dropout(x) = x * mask * scale, as native_dropout's scale (16-bit: its rounding may differ by an ulp)
       const double scale = 1.0 / (1.0 - dropout_p);
       TORCH_CHECK_VALUE(dropout_mask->scalar_type() == at::kBool && dropout_mask->sizes() == x.sizes(),
                         "dropout_mask must be bool of x's shape (rows, in_features), got ", dropout_mask->sizes());
       if (need_A)
-        grad_A = cast(at::mm(g_lora.t(), at::native_dropout_backward(x, *dropout_mask, scale)), lora_A->scalar_type());
+        grad_A = cast_to(lora_mm(g_lora.t(), at::native_dropout_backward(x, *dropout_mask, scale)),
+                         lora_A->scalar_type());
       if (need_x)  // the mask sits between the two GEMMs: the LoRA term is added after the base one
         grad_x = linear_4bit_grad_input(grad, w, std::nullopt, std::nullopt)
-                     .add_(at::native_dropout_backward(at::mm(g_lora, *lora_A), *dropout_mask, scale));
+                     .add_(at::native_dropout_backward(lora_mm(g_lora, *lora_A), *dropout_mask, scale));
     }
   }
   // a custom op returns tensors, not None: an unpicked gradient is an empty tensor (the caller drops it)

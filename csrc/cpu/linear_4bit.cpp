@@ -1,9 +1,11 @@
 // CPU kernels: the 4-bit linear (y = x W^T + lora_xa B^T + bias) and its input gradient
 // (g W + lora_grad A).
-// Up to kCpuGemvMaxRows rows of float32 x (decode): gemv_4bit.cpp, cache-sized chunks of W and dot
-// products (QLORA_EXT_GEMV=0 turns it off, as on CUDA); 16-bit x keeps the tile path, whose 16-bit GEMM
-// beat it here from 4 rows (bench/RESULTS.md). Otherwise blocked over rows of W: dequantize a tile of W (about 4M elements) into a reused buffer, multiply
-// it with ATen's GEMM, move on. Tiles hold whole blocks, so a tile is at least blocksize / gcd(in,
+// Every GEMM runs in gemm_dtype(x) (common/gemm_dtype.h): x's dtype, or float32 for 16-bit x on a CPU
+// whose 16-bit GEMM is a slow scalar fallback (then the result is rounded to x's dtype once, at the end).
+// Up to kCpuGemvMaxRows rows multiplied in float32 (decode): gemv_4bit.cpp, cache-sized chunks of W and
+// dot products (QLORA_EXT_GEMV=0 turns it off, as on CUDA); a native 16-bit GEMM keeps the tile path,
+// which beat it from 4 rows (bench/RESULTS.md). Otherwise blocked over rows of W: dequantize a tile of
+// W (about 4M elements, in the GEMM's dtype) into a reused buffer, multiply it with ATen's GEMM, move on. Tiles hold whole blocks, so a tile is at least blocksize / gcd(in,
 // blocksize) rows: with an odd in_features and a large blocksize that minimum (and so the buffer) can
 // exceed 4M elements; for usual layers (in_features a multiple of 64) W never exists whole above 4M.
 #include <ATen/Parallel.h>
@@ -16,6 +18,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/gemm_dtype.h"
 #include "cpu/dequantize_4bit.h"
 #include "cpu/gemv_4bit.h"
 
@@ -47,14 +50,16 @@ void for_each_weight_tile(const Quant4bitView& w, int64_t out_features, int64_t 
 
 struct LinearSetup {
   Quant4bitView w;
-  at::ScalarType tile_dtype;  // float64 activations multiply float32 tiles upcast (exact)
+  at::ScalarType gemm;        // the GEMMs' dtype: gemm_dtype(activations)
+  at::ScalarType tile_dtype;  // the GEMM's, but float32 tiles upcast (exact) for float64 activations
 };
 
 LinearSetup setup(const at::Tensor& act, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                   const std::string& quant_type, int64_t out_features, int64_t in_features,
                   const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                   const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
-  const at::ScalarType tile_dtype = act.scalar_type() == at::kDouble ? at::kFloat : act.scalar_type();
+  const at::ScalarType gemm = gemm_dtype(act);
+  const at::ScalarType tile_dtype = gemm == at::kDouble ? at::kFloat : gemm;
   const std::vector<c10::SymInt> shape{c10::SymInt(out_features), c10::SymInt(in_features)};
   const DequantizeArgs args = check_dequantize_4bit_args(packed, absmax, blocksize, quant_type, shape, tile_dtype,
                                                          nested_absmax, nested_code, offset, nested_blocksize);
@@ -62,7 +67,7 @@ LinearSetup setup(const at::Tensor& act, const at::Tensor& packed, const at::Ten
                     act.device(), " and ", packed.device());
   return {host_view(packed, absmax, args.qt, args.n, blocksize, nested_absmax, nested_code, offset,
                     nested_blocksize),
-          tile_dtype};
+          gemm, tile_dtype};
 }
 
 at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -76,26 +81,27 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   const LinearSetup s = setup(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
                               nested_code, offset, nested_blocksize);
   const GemvMode mode = gemv_mode();  // (read first: a bad value is refused whatever the row count)
-  if (x.size(0) <= kCpuGemvMaxRows && x.scalar_type() == at::kFloat && mode != GemvMode::Off) {
-    at::Tensor y = gemv_4bit_cpu(x.contiguous(), s.w, out_features, in_features);
+  const at::Tensor xg = cast_to(x, s.gemm);
+  at::Tensor y;
+  if (x.size(0) <= kCpuGemvMaxRows && s.gemm == at::kFloat && mode != GemvMode::Off) {
+    y = gemv_4bit_cpu(xg.contiguous(), s.w, out_features, in_features);
     if (bias) y.add_(*bias);
-    if (lora_xa) y.addmm_(*lora_xa, lora_B->t());
-    return y;
-  }
-  // y starts as the bias, and each GEMM accumulates into its columns in place (BLAS ldc): the base
-  // term is rounded once with its bias, as in addmm, and the LoRA term once more.
-  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
-  if (bias) {
-    y.copy_(bias->expand({x.size(0), out_features}));  // (not expand().contiguous(): one row would alias bias)
   } else {
-    y.zero_();
+    // y starts as the bias, and each GEMM accumulates into its columns in place (BLAS ldc): in the
+    // GEMM's dtype the base term is rounded once with its bias, as in addmm, and the LoRA term once more.
+    y = at::empty({x.size(0), out_features}, xg.options());
+    if (bias) {
+      y.copy_(bias->expand({x.size(0), out_features}));  // (not expand().contiguous(): one row would alias bias)
+    } else {
+      y.zero_();
+    }
+    for_each_weight_tile(s.w, out_features, in_features, s.tile_dtype, xg.options(),
+                         [&](int64_t o0, int64_t o1, const at::Tensor& tile) {
+                           y.narrow(1, o0, o1 - o0).addmm_(xg, cast_to(tile, s.gemm).t());
+                         });
   }
-  for_each_weight_tile(s.w, out_features, in_features, s.tile_dtype, x.options(),
-                       [&](int64_t o0, int64_t o1, const at::Tensor& tile) {
-                         y.narrow(1, o0, o1 - o0).addmm_(x, tile.to(x.scalar_type()).t());
-                       });
-  if (lora_xa) y.addmm_(*lora_xa, lora_B->t());
-  return y;
+  if (lora_xa) y.addmm_(cast_to(*lora_xa, s.gemm), cast_to(*lora_B, s.gemm).t());
+  return cast_to(y, x.scalar_type());
 }
 
 at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& grad, const at::Tensor& packed, const at::Tensor& absmax,
@@ -110,12 +116,14 @@ at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& grad, const at::Tensor& 
   const LinearSetup s = setup(grad, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
                               nested_code, offset, nested_blocksize);
   // gx starts as the LoRA term (or zeros) and each tile's GEMM accumulates onto it
-  at::Tensor gx = lora_grad ? at::mm(*lora_grad, *lora_A) : at::zeros({grad.size(0), in_features}, grad.options());
-  for_each_weight_tile(s.w, out_features, in_features, s.tile_dtype, grad.options(),
+  const at::Tensor g = cast_to(grad, s.gemm);
+  at::Tensor gx = lora_grad ? at::mm(cast_to(*lora_grad, s.gemm), cast_to(*lora_A, s.gemm))
+                            : at::zeros({grad.size(0), in_features}, g.options());
+  for_each_weight_tile(s.w, out_features, in_features, s.tile_dtype, g.options(),
                        [&](int64_t o0, int64_t o1, const at::Tensor& tile) {
-                         gx.addmm_(grad.narrow(1, o0, o1 - o0), tile.to(grad.scalar_type()));
+                         gx.addmm_(g.narrow(1, o0, o1 - o0), cast_to(tile, s.gemm));
                        });
-  return gx;
+  return cast_to(gx, grad.scalar_type());
 }
 
 }  // namespace
