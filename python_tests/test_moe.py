@@ -61,6 +61,32 @@ def test_mixed_task_batch_equals_each_tasks_peft_adapter(make, tmp_path, quant_t
             assert _rel(merged(ids[b:b + 1]).logits[0], mixed[b]) <= 1e-5
 
 
+@pytest.mark.parametrize("router", ["task", "token"])
+def test_merge_task_and_copies_right_after_a_training_step(make, router):
+    """merge_task (and deepcopy of the model) right after a training forward and backward: the gate's
+    per-forward state (its cache, the router's balance loss: non-leaf tensors of that forward's graph) is
+    not copied; the merged model gives the trained model's outputs for the task."""
+    import copy
+
+    kw = {"router": "token", "top_k": 2} if router == "token" else {}
+    model = _moe(make, **kw)
+    model.train()
+    ids, tasks = torch.randint(0, 128, (3, 6)), torch.tensor([0, 2, 1])
+    model(input_ids=ids, labels=ids, task_ids=tasks).loss.backward()
+    clone = copy.deepcopy(model)
+    gates = [m for m in clone.modules() if hasattr(m, "_FORWARD_STATE")]
+    assert gates and all(getattr(m, k) is None for m in gates for k in m._FORWARD_STATE if k != "_caching")
+    if router == "task":
+        model.eval()
+        with torch.no_grad():
+            want = model(input_ids=ids[1:2], task_ids=tasks[1:2]).logits
+        model.train()
+        model(input_ids=ids, labels=ids, task_ids=tasks).loss.backward()  # a cache again
+        merged = merge_task(model, 2)
+        with torch.no_grad():
+            assert _rel(merged(ids[1:2]).logits, want) <= 1e-5
+
+
 def test_gradients_reach_experts_and_gate_under_checkpointing(make):
     model = _moe(make)
     model.train()

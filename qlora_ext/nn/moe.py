@@ -15,7 +15,18 @@ import torch
 from torch import nn
 
 
-class TaskGate(nn.Module):
+class _ForwardStateNotCopied:
+    """A copy (deepcopy, pickle) of the module starts without its last forward's state: non-leaf tensors
+    of that forward's graph, which deepcopy refuses (merge_task copies a model right after training).
+    ``_FORWARD_STATE``: each such attribute and its value in a copy."""
+
+    _FORWARD_STATE: dict = {}
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), **self._FORWARD_STATE}
+
+
+class TaskGate(_ForwardStateNotCopied, nn.Module):
     """``omega = softmax(W_T e_task)``: (num_tasks, dim) embedding, bias-free ``Linear(dim, N)``.
 
     One gate serves every layer of a model. The prepared model calls :meth:`begin_forward` at the start
@@ -35,6 +46,8 @@ class TaskGate(nn.Module):
         self._caching = False  # set by begin_forward: a stand-alone gate recomputes on every call
         self._cached: tuple | None = None  # (task ids, param versions, grad mode, {"omega" or r: weights})
         self._ranks: set[int] = set()  # the r of the layers it serves (TaskRankScale registers them)
+
+    _FORWARD_STATE = {"_caching": False, "_cached": None}
 
     def begin_forward(self) -> None:
         """Starts a forward pass of the model: the weights are computed here, outside every layer (so a
@@ -136,9 +149,11 @@ class TaskRankScale(nn.Module):
                          f"(shape {tuple(x.shape)}): pass one task id per sample")
 
 
-class TokenRouter(nn.Module):
+class TokenRouter(_ForwardStateNotCopied, nn.Module):
     """Token-routed top-k gate over N experts; ``aux_loss`` holds the last training forward's balance loss
-    (None after a forward in eval mode)."""
+    (None after a forward in eval mode, and in a copy)."""
+
+    _FORWARD_STATE = {"aux_loss": None}
 
     def __init__(self, in_features: int, num_experts: int, r: int, top_k: int = 2, aux_loss_coef: float = 0.01,
                  device=None) -> None:
