@@ -133,6 +133,35 @@ def test_adapters_load_both_ways(make, tmp_path):
         assert _rel(back(ids).logits, peft_back(ids).logits) <= 1e-5
 
 
+@pytest.mark.parametrize("quant_type", [None, "nf4"])
+def test_layer_pruned_to_no_rank(make, tmp_path, quant_type):
+    """A rank pattern that prunes every rank of a layer (the allocator can): the layer is its base alone,
+    on a dense base (PEFT's logits) and on a 4-bit one (the dequantized base's output); the model still
+    trains."""
+    _, theirs = _pair(make)
+    names = list(adalora_layers(prepare_model(make(), AdaLoRAConfig(init_r=6, target_r=2, total_step=20,
+                                                                    target_modules=TARGETS), verbose=False)))
+    pattern = {n: [False] * 6 if i == 0 else [True, False] * 3 for i, n in enumerate(names)}
+    theirs.base_model.peft_config["default"].rank_pattern = {f"{n}.lora_E": v for n, v in pattern.items()}
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = load_adapter(make(), tmp_path / "theirs", quant_type=quant_type).eval()
+    pruned = adalora_layers(ours)[names[0]]
+    assert pruned.r == 0 and [m.r for m in adalora_layers(ours).values()][1:] == [3] * (len(names) - 1)
+    ids = torch.randint(0, 128, (2, 9))
+    x = torch.randn(5, pruned.in_features)
+    with torch.no_grad():
+        cd = getattr(pruned, "compute_dtype", torch.float32)  # (load_adapter's 4-bit layers: bf16)
+        base = torch.nn.functional.linear(x.to(cd), pruned.dense_weight(cd),
+                                          None if pruned.bias is None else pruned.bias.to(cd))
+        assert _rel(pruned(x).float(), base.float()) <= (1e-6 if cd == torch.float32 else 1e-2)
+        if quant_type is None:
+            peft_back = peft.PeftModel.from_pretrained(make(), tmp_path / "theirs").eval()
+            assert _rel(ours(ids).logits, peft_back(ids).logits) <= 1e-5
+    ours.train()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    assert all(m.lora_A.grad is not None for n, m in adalora_layers(ours).items() if n != names[0])
+
+
 def test_bad_input(make, tmp_path):
     with pytest.raises(ValueError, match="total_step"):
         AdaLoRAConfig()

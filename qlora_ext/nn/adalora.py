@@ -45,7 +45,7 @@ class AdaLoRAMixin:
         return [self.lora_A, self.lora_E, self.lora_B]
 
     def _lora_operands(self, dtype: torch.dtype):
-        if self.merged:
+        if self.merged or self.lora_A.shape[0] == 0:  # (every rank pruned: the base alone, as in PEFT)
             return None, None, 0.0
         p = self.lora_dropout if self.training else 0.0
         return self.lora_A.to(dtype), self.lora_B.to(dtype), p
