@@ -115,6 +115,27 @@ def test_peft_written_adapter_loads_here_with_the_same_logits(llama, tmp_path, q
         assert _rel(ours(ids).logits, peft_again(ids).logits) <= 1e-5
 
 
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_adapter_loaded_into_a_prepared_model_saves_as_loaded(llama, tmp_path, use_rslora):
+    """An adapter (alpha 8, rsLoRA or not) loaded into a model prepared with other settings (alpha 32, no
+    rsLoRA) gives the adapter's outputs, and saving it again writes the adapter's alpha and rsLoRA, so
+    the re-saved file loads to the same outputs."""
+    make, ids = llama
+    cfg = lambda alpha, rs: QLoRAConfig(r=4, lora_alpha=alpha, use_rslora=rs, quant_type=None,  # noqa: E731
+                                        compute_dtype=torch.float32)
+    src = prepare_model(make(), cfg(8, use_rslora), verbose=False).eval()
+    _randomize_adapters(src)
+    save_adapter(src, tmp_path / "a")
+    dst = load_adapter(prepare_model(make(), cfg(32, False), verbose=False).eval(), tmp_path / "a")
+    save_adapter(dst, tmp_path / "b")
+    written = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert written["lora_alpha"] == 8 and written["use_rslora"] == use_rslora
+    again = load_adapter(make(), tmp_path / "b", quant_type=None, compute_dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = src(ids).logits
+        assert _rel(dst(ids).logits, want) <= 1e-6 and _rel(again(ids).logits, want) <= 1e-6
+
+
 def test_modules_to_save_round_trip(llama, tmp_path):
     make, ids = llama
     ours = prepare_model(make(), QLoRAConfig(r=4, quant_type=None, target_modules=["q_proj"],

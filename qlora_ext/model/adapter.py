@@ -202,7 +202,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, **config_overri
                                  f"{tuple(dst.shape)} (different base model or r)")
             dst.copy_(tensors[key])
             used.add(key)
-        m.scaling = cfg.get("lora_alpha", m.lora_alpha) / (m.r ** 0.5 if cfg.get("use_rslora") else m.r)
+        # the adapter's scaling, and what it derives from (save_adapter writes the layers' alpha and rsLoRA)
+        m.lora_alpha, m.use_rslora = cfg.get("lora_alpha", m.lora_alpha), bool(cfg.get("use_rslora", False))
+        m.scaling = m.lora_alpha / (m.r ** 0.5 if m.use_rslora else m.r)
     state = model.state_dict()
     for key, value in tensors.items():
         if key in used:
