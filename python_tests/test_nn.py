@@ -266,3 +266,19 @@ def test_meta_init_then_assign_load():
     layer.load_state_dict(src.state_dict(), assign=True)
     x = torch.randn(2, 96)
     assert torch.equal(layer(x), src(x))
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_meta_init_then_to_empty_and_load(quant_type, double_quant):
+    """Built on the meta device, materialized with to_empty (uninitialized storage, the format's code
+    tables filled), then loaded: the source layer's outputs."""
+    src = _randomize_adapter(QuantLoRALinear.from_linear(_linear(), r=4, quant_type=quant_type,
+                                                         double_quant=double_quant, compute_dtype=torch.float32))
+    layer = QuantLoRALinear.from_linear(nn.Linear(96, 64, device="meta"), r=4, quant_type=quant_type,
+                                        double_quant=double_quant, compute_dtype=torch.float32)
+    layer.to_empty(device="cpu")
+    assert layer.weight.device.type == layer.quant_state.device.type == "cpu"
+    assert torch.equal(layer.quant_state.code, src.quant_state.code)
+    layer.load_state_dict(src.state_dict())
+    x = torch.randn(2, 96)
+    assert torch.equal(layer(x), src(x))

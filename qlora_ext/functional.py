@@ -84,6 +84,20 @@ class QuantState:
             nested_code=move(self.nested_code),
         )
 
+    def to_empty(self, device: torch.device | str) -> "QuantState":
+        """A copy of the state's structure on ``device`` (what ``nn.Module.to_empty`` makes of a module
+        built on the meta device): absmax and the nested scales uninitialized, to be filled by
+        ``load_state_dict``; the code tables, which are constants of the format, filled."""
+        empty = lambda t: None if t is None else torch.empty_like(t, device=device)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            absmax=empty(self.absmax),
+            code=code_4bit(self.quant_type, device),
+            offset=empty(self.offset),
+            nested_absmax=empty(self.nested_absmax),
+            nested_code=None if self.nested_code is None else dynamic_map(device),
+        )
+
     def nbytes(self) -> int:
         """Bytes of the state's tensors (absmax, nested scales, offset; not the shared code tables)."""
         total = self.absmax.numel() * self.absmax.element_size()

@@ -108,8 +108,11 @@ class QuantLoRALinear(LoRALayer):
     # ---- device moves and (de)serialization ---------------------------------------------------------
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)  # the packed bytes (uint8: dtype casts leave them alone), bias, adapter
-        if getattr(self, "quant_state", None) is not None and self.quant_state.device != self.weight.device:
-            self.quant_state = self.quant_state.to(self.weight.device)
+        state = getattr(self, "quant_state", None)
+        if state is not None and state.device != self.weight.device:
+            # from the meta device (to_empty: the packed bytes are now uninitialized too) no data can move
+            move = state.to_empty if state.device.type == "meta" else state.to
+            self.quant_state = move(self.weight.device)
         return self
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
