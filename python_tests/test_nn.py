@@ -282,3 +282,31 @@ def test_meta_init_then_to_empty_and_load(quant_type, double_quant):
     layer.load_state_dict(src.state_dict())
     x = torch.randn(2, 96)
     assert torch.equal(layer(x), src(x))
+
+
+def test_load_state_dict_names_what_is_wrong():
+    """Packed bytes without their quant state are refused (strict or not: nothing could decode them),
+    naming the keys that carry it; a broken quant state names its missing key (and "weight" is missing
+    once); the module keeps its weight in both cases. An unknown key under weight. is unexpected (as
+    PyTorch does, strict loading reports it after loading the rest)."""
+    src = QuantLoRALinear.from_linear(_linear(), r=4, quant_type="fp4", blocksize=128, double_quant=False,
+                                      compute_dtype=torch.float32)
+    layer = QuantLoRALinear.from_linear(_linear(), r=4, compute_dtype=torch.float32)
+    before = layer.weight.clone()
+    bytes_only = {k: v for k, v in src.state_dict().items() if not k.startswith("weight.")}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"weight: packed 4-bit bytes without their quant state "
+                                               r"\(weight.absmax, weight.quant_map"):
+            layer.load_state_dict(bytes_only, strict=strict)
+    no_absmax = src.state_dict()
+    no_absmax.pop("weight.absmax")
+    with pytest.raises(RuntimeError, match="missing 'weight.absmax'") as e:
+        layer.load_state_dict(no_absmax)
+    assert str(e.value).count('"weight"') <= 1
+    assert torch.equal(layer.weight, before) and layer.quant_type == "nf4"
+    unknown = {**src.state_dict(), "weight.foo": torch.zeros(1)}
+    with pytest.raises(RuntimeError, match='Unexpected key.*"weight.foo"'):
+        layer.load_state_dict(unknown)
+    assert layer.load_state_dict(unknown, strict=False).unexpected_keys == ["weight.foo"]
+    x = torch.randn(3, 96)
+    assert torch.equal(layer(x), src(x))

@@ -126,7 +126,12 @@ class QuantLoRALinear(LoRALayer):
         qs_keys = [k for k in state_dict if k.startswith(qs_prefix)]
         rest = {k: v for k, v in state_dict.items() if k not in qs_keys}
         if not qs_keys:
-            if strict:
+            if prefix + "weight" in rest:  # bytes without their format: nothing could decode them
+                rest.pop(prefix + "weight")
+                error_msgs.append(f"{prefix}weight: packed 4-bit bytes without their quant state ({qs_prefix}absmax, "
+                                  f"{qs_prefix}quant_map, ...: state_dict() writes them) cannot be loaded; a dense "
+                                  "weight goes through QuantLoRALinear.from_linear")
+            elif strict:
                 missing_keys.append(qs_prefix + "absmax")
         else:
             try:
@@ -148,8 +153,8 @@ class QuantLoRALinear(LoRALayer):
             except ValueError as e:
                 error_msgs.append(f"{prefix}weight: {e}")
                 rest.pop(prefix + "weight", None)  # leave the module as it was
-                missing_keys.append(prefix + "weight")
             else:
+                unexpected_keys.extend(sorted(set(qs_keys) - set(state.to_dict(prefix=qs_prefix))))
                 state.dtype = self.compute_dtype
                 self.quant_state = state
                 self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, \
