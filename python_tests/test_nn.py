@@ -97,6 +97,22 @@ def test_merge_unmerge_lora_linear_exact():
         layer.unmerge()
 
 
+@pytest.mark.parametrize("cls", [QuantLoRALinear, LoRALinear])
+def test_saving_a_merged_layer_warns(cls):
+    """A merged layer's state dict holds the adapter twice for an unmerged loader (the format has no
+    merged flag, as PEFT's): saving one warns, naming the way out; an unmerged one saves silently."""
+    import warnings
+
+    layer = _randomize_adapter(cls.from_linear(_linear(), r=4))
+    layer.merge()
+    with pytest.warns(UserWarning, match=r"saving a merged LoRA layer.*unmerge\(\) first"):
+        layer.state_dict()
+    layer.unmerge()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.state_dict()
+
+
 def test_merge_quantized_rounds_like_requantization():
     layer = _randomize_adapter(QuantLoRALinear.from_linear(_linear(256, 128), r=8, compute_dtype=torch.float32))
     x = torch.randn(16, 256)

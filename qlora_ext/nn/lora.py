@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -108,6 +109,13 @@ class LoRALayer(nn.Module):
             raise RuntimeError("the adapter is not merged")
         self._set_base_weight(self.dense_weight() - self.delta_weight())
         self.merged = False
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if self.merged:  # (the state dict format has no merged flag: PEFT's and transformers' keys)
+            warnings.warn(f"{prefix or 'the layer'}: saving a merged LoRA layer: its base weight includes the "
+                          "adapter, which a layer loading this state dict unmerged adds a second time; "
+                          "unmerge() first, or save to_linear() / merge_and_unload()", stacklevel=2)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None, rank_scale: torch.Tensor | None = None) -> nn.Linear:
