@@ -229,6 +229,8 @@ def test_bad_construction():
         QuantLoRALinear(8, 8, compute_dtype=torch.float64)
     with pytest.raises(ValueError, match="init_lora_weights"):
         LoRALinear(8, 8, init_lora_weights="zeros")
+    with pytest.raises(TypeError, match="from_linear takes the device and bias of `linear`"):
+        LoRALinear.from_linear(_linear(), device="cpu")
 
 
 @pytest.mark.cuda

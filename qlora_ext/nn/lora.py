@@ -159,6 +159,8 @@ class LoRALinear(LoRALayer):
         """Wraps ``linear`` (its weight and bias are shared, frozen) with a fresh adapter."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if "device" in lora_kwargs or "bias" in lora_kwargs:
+            raise TypeError("from_linear takes the device and bias of `linear` (move the layer with .to() after)")
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     device="meta", **lora_kwargs)
         layer.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
