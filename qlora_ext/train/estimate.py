@@ -21,6 +21,7 @@ small shapes without it). Checked there on LLaMA-65B under a 48 GiB cap at 512-3
 within 2.5% of the measured peaks (bench/RESULTS.md)."""
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,8 +269,17 @@ def measure_training_peak_cpu(model: nn.Module, optimizer: torch.optim.Optimizer
     for s in optimizer.state.values():
         tensors.update({id(v): v for v in s.values() if isinstance(v, torch.Tensor)})
     resident = sum(t.numel() * t.element_size() for t in tensors.values())
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    # no garbage collection inside the window: tensors allocated before it (an earlier model in a
+    # reference cycle), freed there by a collection, would count as negative bytes and hide the peak
+    gc.collect()
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    finally:
+        if gc_enabled:
+            gc.enable()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     cur = peak = 0
     for _, n in events:
