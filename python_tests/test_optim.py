@@ -229,6 +229,23 @@ class TestBadInput:
         with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\)"):
             PagedAdamW8bit([nn.Parameter(torch.randn(3))], betas=betas)
 
+    @pytest.mark.parametrize("name,value", [("eps", float("nan")), ("eps", float("inf")), ("eps", -1e-8),
+                                            ("weight_decay", float("nan")), ("weight_decay", -0.1)])
+    def test_eps_and_weight_decay_finite_nonnegative(self, name, value):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0, got {value!r}"):
+            AdamW8bit([nn.Parameter(torch.randn(3))], **{name: value})
+        opt = PagedAdamW([nn.Parameter(torch.randn(3))])  # a group edited after construction: the next step
+        opt.param_groups[0][name] = value
+        opt.param_groups[0]["params"][0].grad = torch.ones(3)
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+            opt.step()
+
+    @pytest.mark.parametrize("size", [-1, 1.5, True])
+    def test_min_8bit_size(self, size):
+        with pytest.raises(ValueError, match=rf"min_8bit_size must be an int >= 0 .*got {size!r}"):
+            PagedAdamW8bit([nn.Parameter(torch.randn(3))], min_8bit_size=size)
+        AdamW8bit([nn.Parameter(torch.randn(3))], min_8bit_size=0)  # every tensor 8-bit: allowed
+
     def test_op_level(self):
         p = torch.randn(8)
         with pytest.raises(ValueError, match="beta2 must be in"):
@@ -236,6 +253,25 @@ class TestBadInput:
         with pytest.raises(TypeError, match="exp_avgs"):
             torch.ops.qlora.adamw_step_([p], [p], [torch.zeros(8, dtype=torch.float64)], [torch.zeros(8)], 1e-3, 0.9,
                                         0.99, 1e-8, 0.0, 1)
+
+
+@pytest.mark.parametrize("cls", [PagedAdamW, AdamW8bit])
+def test_non_contiguous_gradients_step_like_torch(cls):
+    """Any strided gradient in the parameter's dtype (where ``to()`` hands back the same non-contiguous
+    tensor) steps: transposed, every other column, expanded; the parameter moves as under
+    torch.optim.AdamW with the same gradient, which is read, not replaced."""
+    torch.manual_seed(0)
+    for g in [torch.randn(70, 80).t(), torch.randn(80, 140)[:, ::2], torch.randn(80, 1).expand(80, 70)]:
+        assert not g.is_contiguous()
+        p = nn.Parameter(torch.randn(80, 70))
+        ref = nn.Parameter(p.detach().clone())
+        opt, ref_opt = cls([p], lr=0.1, min_8bit_size=10**9), torch.optim.AdamW([ref], lr=0.1)
+        for _ in range(3):
+            p.grad, ref.grad = g, g
+            opt.step()
+            ref_opt.step()
+        assert p.grad is g
+        torch.testing.assert_close(p.detach(), ref.detach(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.cuda

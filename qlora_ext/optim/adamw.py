@@ -5,6 +5,8 @@ states (:class:`PagedAdamW`) or blockwise dynamic 8-bit states (:class:`PagedAda
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from typing import Any, Callable, Iterable
 
 import torch
@@ -30,6 +32,9 @@ class _AdamWBase(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, min_8bit_size: int = 4096,
                  page_out_below: float = 0.0) -> None:
         _check_hyper(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, numbers.Integral) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0 (tensors with fewer elements keep float32 "
+                             f"states), got {min_8bit_size!r}")
         if not 0.0 <= page_out_below < 1.0:
             raise ValueError(f"page_out_below must be a fraction in [0, 1), got {page_out_below}")
         # the optimizer's own settings live in `defaults`: they survive pickling and deepcopy
@@ -80,8 +85,9 @@ class _AdamWBase(torch.optim.Optimizer):
         costs a few attribute reads: this runs per tensor per step."""
         g, dtype = p.grad, p.dtype
         if dtype in _PARAM_DTYPES and p.is_contiguous() and g.layout is torch.strided:
-            if g.dtype is dtype and g.is_contiguous():
-                return g
+            if g.dtype is dtype:
+                return g.contiguous()  # (g itself when already contiguous)
+            # a copy in p's dtype, contiguous whatever g's strides (with p's dtype, to() returns g itself)
             return g.to(dtype, memory_format=torch.contiguous_format)
         if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
@@ -239,9 +245,12 @@ def _check_hyper(group: dict) -> None:
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    # torch.optim.AdamW checks lr, eps, weight_decay >= 0 and each beta in [0, 1) (NaN fails them all); a
+    # NaN or infinite eps or weight_decay would turn every parameter into NaN at the first step
     for name in ("eps", "weight_decay"):
-        if group[name] < 0:
-            raise ValueError(f"{name} must be >= 0, got {group[name]}")
+        v = group[name]
+        if not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
 
 def _stash_states(optimizer: _AdamWBase, state_dict: dict) -> dict:
