@@ -87,7 +87,23 @@ def test_cli_estimate(tmp_path, capsys):
     assert 32e9 < weights < 35e9  # 64.7B linear weights at ~4.127 bits
     assert cli_main(["estimate", "--model", str(tmp_path / "none")]) == 2
     assert "expected a model folder" in capsys.readouterr().err
-    assert cli_main(["estimate", "--model", str(tmp_path), "--seq-len", "0"]) == 2
+    with pytest.raises(SystemExit) as e:  # a non-positive count: argparse's error, before any work
+        cli_main(["estimate", "--model", str(tmp_path), "--seq-len", "0"])
+    assert e.value.code == 2 and "argument --seq-len: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value", [("--gpu-gb", "nan"), ("--gpu-gb", "inf"), ("--gpu-gb", "0"),
+                                          ("--gpu-gb", "-1"), ("--gpu-gb", "lots"), ("--batch", "0"), ("--r", "-4")])
+def test_cli_estimate_rejects_bad_numbers_at_parse_time(option, value, tmp_path, capsys):
+    """--gpu-gb nan used to fail with "cannot convert float NaN to integer" and 0 or -1 were accepted:
+    argparse now wants a positive finite number (exit status 2, the option named)."""
+    transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                             vocab_size=100).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["estimate", "--model", str(tmp_path), option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected a positive" in err and value in err
 
 
 def test_gpu_plan_has_no_attention_score_term_unless_eager():

@@ -4,6 +4,7 @@ loss curve), and the command line's errors."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -140,6 +141,50 @@ def test_cli_errors(tiny_lm, tmp_path, capsys):
     assert cli_main(["finetune", "--model", str(tiny_lm), "--data", str(good), "--output", str(tmp_path / "r"),
                      "--resume", "--no-progress"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--steps", "0", "a positive integer, got 0"), ("--steps", "-1", "a positive integer, got -1"),
+    ("--steps", "ten", "a positive integer, got 'ten'"), ("--batch-size", "0", "a positive integer"),
+    ("--grad-accum", "-2", "a positive integer"), ("--seq-len", "0", "a positive integer"),
+    ("--r", "0", "a positive integer"), ("--eval-every", "-1", "an integer >= 0, got -1"),
+    ("--save-every", "-5", "an integer >= 0"), ("--lr", "nan", "a positive finite number, got nan"),
+    ("--lr", "0", "a positive finite number"), ("--lora-alpha", "inf", "a positive finite number"),
+    ("--lora-dropout", "1", r"a number in \[0, 1\), got 1"), ("--eval-fraction", "-0.1", r"a number in \[0, 1\)")])
+def test_cli_finetune_rejects_bad_counts_at_parse_time(option, value, expected, monkeypatch, capsys):
+    """--steps 0 used to run the default 150 steps (``args.steps or 150``) and --steps -1 to end in an
+    IndexError: every count is checked by argparse (exit status 2, the option named) before any work."""
+    from qlora_ext.train import classify
+
+    monkeypatch.setattr(classify, "default_job", lambda *a, **k: pytest.fail("the job ran"))
+    with pytest.raises(SystemExit) as e:
+        cli_main(["finetune", option, value])
+    assert e.value.code == 2
+    assert re.search(f"argument {option}: expected {expected}", capsys.readouterr().err)
+
+
+def test_cli_finetune_default_steps_are_explicit(tiny_lm, tmp_path, monkeypatch):
+    """Without --steps each job gets its documented default; with it, exactly that many."""
+    from qlora_ext.train import classify, multitask
+
+    seen = []
+    monkeypatch.setattr(classify, "default_job", lambda *a, steps, **k: seen.append(("default", steps)))
+    monkeypatch.setattr(multitask, "moe_job", lambda *a, steps, **k: seen.append(("moelora", steps)))
+    monkeypatch.setattr(causal_lm, "finetune_from_args", lambda args: seen.append(("causal_lm", args.steps)))
+    lm = ["--model", str(tiny_lm), "--data", str(tmp_path / "d.jsonl")]
+    for argv in (["finetune"], ["finetune", "--steps", "1"], ["finetune", "--method", "moelora"],
+                 ["finetune", "--method", "moelora", "--steps", "2"], ["finetune", *lm], ["finetune", *lm, "--steps", "3"]):
+        assert cli_main(argv) == 0
+    assert seen == [("default", 150), ("default", 1), ("moelora", 300), ("moelora", 2), ("causal_lm", 100),
+                    ("causal_lm", 3)]
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.0, True])
+def test_default_job_rejects_non_positive_steps(steps):
+    from qlora_ext.train.classify import default_job
+
+    with pytest.raises(ValueError, match=f"steps must be a positive int, got {steps!r}"):
+        default_job(steps=steps)
 
 
 def test_jsonl_with_a_byte_order_mark(tmp_path):

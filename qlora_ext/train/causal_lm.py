@@ -196,7 +196,7 @@ def finetune_from_args(args) -> dict:
                          target_modules=parse_target_modules(args.target_modules),
                          quant_type=None if args.quant_type == "none" else args.quant_type,
                          fused_layers=not getattr(args, "no_fused_layers", False))
-    report = finetune(args.model, args.data, args.output, steps=args.steps or 100, batch_size=args.batch_size,
+    report = finetune(args.model, args.data, args.output, steps=args.steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, seq_len=args.seq_len, packing=args.packing,
                       config=config, optim=args.optim, eval_every=args.eval_every, eval_fraction=args.eval_fraction,
                       seed=args.seed, resume=args.resume, device=args.device, progress=not args.no_progress,

@@ -156,6 +156,8 @@ def default_job(dataset: str = "trec", steps: int = 150, json_path: str | None =
                 device: str | None = None, method: str = "lora") -> dict:
     """The README's main job: QLoRA (NF4) vs fp32 LoRA fine-tuning of all-MiniLM-L6-v2 on ``dataset``
     (``method="adalora"``: QAdaLoRA vs fp32 AdaLoRA, with the final rank of every layer)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     from .. import kernels_in_use
 
     data = DATASETS[dataset]()
