@@ -111,3 +111,44 @@ def test_empty_tensor_with_double_quant():
     packed, state = quantize_4bit(torch.empty(0, 8))
     assert state.offset.item() == 0.0 and dequantize_4bit(packed, state).shape == (0, 8)
     assert QuantState.from_dict(state.to_dict()).offset.item() == 0.0
+
+
+@pytest.mark.parametrize("blocksize", [64.0, True, "64", None])
+def test_blocksize_must_be_an_int(blocksize):
+    """64.0 == 64 passed the membership check and reached the op's schema (a RuntimeError)."""
+    with pytest.raises(TypeError, match=rf"blocksize must be an int, one of .*, got {type(blocksize).__name__}"):
+        quantize_4bit(torch.randn(64), blocksize=blocksize)
+
+
+def test_from_dict_names_the_missing_double_quant_key():
+    """A double-quantized state dict without nested_absmax used to fail as "state.absmax must be
+    torch.float32"; each missing key of the double-quant set is named."""
+    packed, state = quantize_4bit(torch.randn(300))
+    full = state.to_dict("w.")
+    d = {k: v for k, v in full.items() if k != "w.nested_absmax"}
+    with pytest.raises(ValueError, match=r"state_dict is missing 'w.nested_absmax' \(a double-quantized state: "
+                                         r"w.absmax is torch.uint8 codes; w.nested_quant_map is present"):
+        QuantState.from_dict(d, "w.")
+    d = {k: v for k, v in full.items() if k not in ("w.nested_absmax", "w.nested_quant_map")}
+    with pytest.raises(ValueError, match=r"missing 'w.nested_absmax' .*nested_offset"):
+        QuantState.from_dict(d, "w.")
+    d = {k: v for k, v in full.items() if k != "w.nested_quant_map"}
+    with pytest.raises(ValueError, match=r"has w.nested_absmax \(double quantization\) but is missing "
+                                         r"'w.nested_quant_map'"):
+        QuantState.from_dict(d, "w.")
+    assert torch.equal(dequantize_4bit(packed, QuantState.from_dict(full, "w.")), dequantize_4bit(packed, state))
+    packed, state = quantize_4bit(torch.randn(300), double_quant=False)  # no double quant: nothing missing
+    assert not QuantState.from_dict(state.to_dict()).double_quant
+
+
+@pytest.mark.parametrize("w", [torch.linspace(2e38, 3e38, 512), (torch.linspace(-4, 4, 4096) * 1e37).bfloat16()],
+                         ids=["float32-3e38", "bfloat16-4e37"])
+def test_double_quant_offset_overflow_is_a_clear_error(w):
+    """Finite weights whose block absmax values sum past float32's range: the offset (their float32 mean,
+    as bitsandbytes computes it) is inf and every dequantized value was NaN, silently."""
+    assert torch.isfinite(w).all()
+    with pytest.raises(ValueError, match=r"double quantization needs a finite mean of the block absmax values "
+                                         r"\(the offset\), got inf .*double_quant=False"):
+        quantize_4bit(w, double_quant=True)
+    packed, state = quantize_4bit(w, double_quant=False)  # the suggested way out works
+    assert torch.isfinite(dequantize_4bit(packed, state)).all()

@@ -174,9 +174,23 @@ class QuantState:
             quant_type=quant_type,
             code=code,
         )
+        if "nested_absmax" not in items:
+            # what marks a double-quantized state, so a missing nested_absmax is named rather than reported
+            # as a wrong absmax dtype
+            signs = [what for what, there in (
+                (f"{prefix}absmax is {getattr(items['absmax'], 'dtype', None)} codes",
+                 getattr(items["absmax"], "dtype", None) == torch.uint8),
+                (f"{prefix}nested_quant_map is present", "nested_quant_map" in items),
+                ("the quantization fields have nested_offset", "nested_offset" in meta)) if there]
+            if signs:
+                raise ValueError(f"state_dict is missing {prefix + 'nested_absmax'!r} (a double-quantized state: "
+                                 f"{'; '.join(signs)})")
         if "nested_absmax" in items:
-            if "nested_quant_map" not in items or "nested_offset" not in meta:
-                raise ValueError(f"state_dict has {prefix}nested_absmax but not nested_quant_map/nested_offset")
+            missing = ([repr(prefix + "nested_quant_map")] if "nested_quant_map" not in items else []) + (
+                [f"the quantization field {prefix + 'nested_offset'!r}"] if "nested_offset" not in meta else [])
+            if missing:
+                raise ValueError(f"state_dict has {prefix}nested_absmax (double quantization) but is missing "
+                                 f"{' and '.join(missing)}")
             state.nested_absmax = items["nested_absmax"].to(device=device, dtype=torch.float32)
             state.nested_code = items["nested_quant_map"].to(device=device, dtype=torch.float32)
             state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=device)
@@ -246,6 +260,9 @@ def quantize_4bit(
         for uint8) and dtype ``quant_storage``, and the :class:`QuantState`. bitsandbytes refuses sizes
         that do not divide the storage itemsize; here the bytes are padded instead.
     """
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):  # (64.0 == 64 would pass the next check)
+        raise TypeError(f"blocksize must be an int, one of {BLOCKSIZES_4BIT}, got {type(blocksize).__name__} "
+                        f"{blocksize!r}")
     _check_weight(w)
     if blocksize not in BLOCKSIZES_4BIT:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES_4BIT}, got {blocksize!r}")
@@ -260,6 +277,12 @@ def quantize_4bit(
         # the same reduction bitsandbytes uses, so the offset is bit-identical (an empty tensor: 0, not NaN);
         # under torch.compile, Inductor's own reduction may round the offset's last bit differently
         offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
+        if offset.device.type != "meta" and not torch.compiler.is_compiling() and not bool(torch.isfinite(offset)):
+            # finite weights near float32's limit: the float32 sum behind the mean overflows, and every
+            # dequantized value would be NaN
+            raise ValueError(f"double quantization needs a finite mean of the block absmax values (the offset), "
+                             f"got {offset.item()} from absmax values up to {absmax.max().item():.4g}: the weights "
+                             "are too large for it; quantize with double_quant=False")
         code8 = dynamic_map(w.device)
         qabsmax, nested_absmax = torch.ops.qlora.quantize_8bit_blockwise(absmax - offset, code8, NESTED_BLOCKSIZE)
         state.absmax, state.offset, state.nested_absmax, state.nested_code = qabsmax, offset, nested_absmax, code8
