@@ -4,6 +4,7 @@ kernel, a dense (unquantized) nn.Linear + LoRA, and bitsandbytes Linear4bit + PE
 installed. Prints a table; --json FILE.
 
     python bench/linear_speed.py [--json out.json] [--cpu-only] [--cpu-dtypes float32,bfloat16,float16]
+                                 [--cpu-rounds 5]
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import copy_bandwidth, cpu_time, event_time, format_table, gemv  # noqa: E402
+from timing import copy_bandwidth, cpu_time, cpu_time_interleaved, event_time, format_table, gemv  # noqa: E402
 
 import qlora_ext  # noqa: E402
 from qlora_ext import reference as ref  # noqa: E402
@@ -76,15 +77,16 @@ def _fwd_bwd(fn, x):
     y.backward(torch.ones_like(y))
 
 
-def cpu_bench(rows: list, dtypes: list, n: int = 2048, batch: int = 512, r: int = 16) -> None:
-    """Forward + backward at issue 3's CPU shape. `gemm` says what our op multiplied in: a 16-bit dtype
+def cpu_bench(rows: list, dtypes: list, rounds: int = 5, n: int = 2048, batch: int = 512, r: int = 16) -> None:
+    """Forward + backward at issue 3's CPU shape, the best of `rounds` interleaved rounds (this 2-core
+    machine moves single timings by 20-40%). `gemm` says what our op multiplied in: a 16-bit dtype
     whose CPU GEMM is a slow fallback is upcast to float32 (qlora_ext.cpu_gemm_dtype); the other
     variants run torch's own 16-bit GEMM, as a user's plain PyTorch code would."""
     w = torch.randn(n, n) / n**0.5
     for dtype in dtypes:
         x = torch.randn(batch, n, dtype=dtype, requires_grad=True)
-        times = {name: cpu_time(lambda fn=fn: _fwd_bwd(fn, x), reps=3)
-                 for name, (fn, _) in _variants(w, r, dtype, "cpu").items()}
+        times = cpu_time_interleaved({name: (lambda fn=fn: _fwd_bwd(fn, x))
+                                      for name, (fn, _) in _variants(w, r, dtype, "cpu").items()}, rounds)
         base = times["ours (fused)"]
         for name, t in times.items():
             rows.append(dict(device="cpu", threads=torch.get_num_threads(), work="fwd+bwd", shape=f"{n}x{n}",
@@ -170,13 +172,14 @@ def main() -> None:
     ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--cpu-dtypes", default="float32,bfloat16,float16",
                     help="dtypes of the CPU fwd+bwd rows, comma-separated (empty: none)")
+    ap.add_argument("--cpu-rounds", type=int, default=5, help="interleaved rounds of the CPU fwd+bwd rows")
     args = ap.parse_args()
     cpu_dtypes = [getattr(torch, d) for d in args.cpu_dtypes.split(",") if d]
     torch.manual_seed(0)
     rows: list = []
     ceilings: dict = {}
     t0 = time.time()
-    cpu_bench(rows, cpu_dtypes)
+    cpu_bench(rows, cpu_dtypes, args.cpu_rounds)
     cpu_decode_bench(rows)
     if torch.cuda.is_available() and not args.cpu_only:
         gpu_bench(rows, ceilings)

@@ -39,6 +39,20 @@ def cpu_time(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def cpu_time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5) -> dict[str, float]:
+    """Best wall time of each of ``fns`` in seconds, over ``rounds`` rounds that call each once in turn
+    (after one warm-up round): on a shared, noisy machine every variant sees the same disturbances, and
+    the minimum is the least disturbed run."""
+    best = {name: float("inf") for name in fns}
+    for r in range(rounds + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def event_time(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float:
     """Median seconds of ``fn()`` (eager, e.g. forward + backward) between CUDA events."""
     for _ in range(warmup):
