@@ -175,6 +175,25 @@ def test_bad_input():
         prepare_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), QLoRAConfig(chunked_loss=True))
 
 
+def test_chunked_loss_refuses_what_it_would_compute_differently():
+    """The chunked loss computes the LM head itself: a model that transforms its logits after the head
+    (Gemma2's softcapping) or an adapted / quantized lm_head is refused, naming why, instead of a
+    silently different loss; lm_head in modules_to_save (a dense trainable copy) keeps working."""
+    if not hasattr(transformers, "Gemma2Config"):
+        pytest.skip("this transformers has no Gemma2")
+    g2 = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, final_logit_softcapping=2.0))
+    with pytest.raises(ValueError, match=r"transforms its logits after the LM head \(final_logit_softcapping=2.0\)"):
+        prepare_model(g2, QLoRAConfig(r=4, chunked_loss=True, compute_dtype=torch.float32), verbose=False)
+    with pytest.raises(ValueError, match="needs it a dense nn.Linear"):
+        _model(target_modules=["lm_head", "q_proj"], chunked_loss=True)
+    ids, labels = _batch()
+    want, _ = _loss_and_grads(_model(dropout=0.0, modules_to_save=["lm_head"]), ids, labels)
+    got, _ = _loss_and_grads(_model(dropout=0.0, modules_to_save=["lm_head"], chunked_loss=True), ids, labels)
+    assert abs(got.item() - want.item()) <= 1e-6 * abs(want.item())
+
+
 def test_offload_survives_a_forward_without_backward_and_accumulation():
     ids, labels = _batch()
     model = _model(offload_activations=True)

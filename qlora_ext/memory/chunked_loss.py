@@ -98,6 +98,19 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int = 1024) -> None:
     if head is None or base is None or base is model:
         raise ValueError(f"chunked_loss needs a transformers causal LM (an output embedding and a base model); "
                          f"{type(model).__name__} has none")
+    if not isinstance(head, nn.Linear) or not head.weight.is_floating_point():
+        raise ValueError(f"chunked_loss computes the LM head itself and needs it a dense nn.Linear, got "
+                         f"{type(head).__name__} (an adapted or quantized lm_head: leave lm_head out of the "
+                         "targets, or turn chunked_loss off)")
+    # models that transform their logits after the head (softcapping, scaling): the chunked loss would
+    # silently differ from theirs
+    cfg = getattr(model, "config", None)
+    post = {k: getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")}
+    post = {k: v for k, v in post.items() if v not in (None, 1, 1.0)}
+    if post:
+        raise ValueError(f"chunked_loss: {type(model).__name__} transforms its logits after the LM head "
+                         f"({', '.join(f'{k}={v}' for k, v in post.items())}), which the chunked loss does "
+                         "not do: turn chunked_loss off for this model")
     import inspect
 
     params = inspect.signature(model.forward).parameters
