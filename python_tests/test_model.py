@@ -136,6 +136,32 @@ def test_adapter_loaded_into_a_prepared_model_saves_as_loaded(llama, tmp_path, u
         assert _rel(dst(ids).logits, want) <= 1e-6 and _rel(again(ids).logits, want) <= 1e-6
 
 
+def test_modules_kept_in_float32_get_a_dense_base():
+    """T5 keeps ``wo`` in float32 (``_keep_in_fp32_modules``) and casts its input to wo's weight dtype:
+    with a 4-bit base those layers get LoRA over their dense weight (as bitsandbytes + PEFT leave them),
+    the rest 4-bit; the prepared model gives its merged model's loss and trains."""
+    import copy
+
+    from qlora_ext.nn import LoRALinear
+
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = prepare_model(transformers.T5ForConditionalGeneration(cfg),
+                          QLoRAConfig(r=4, quant_type="nf4", compute_dtype=torch.float32), verbose=False).eval()
+    _randomize_adapters(model)
+    kinds = {n.rsplit(".", 1)[-1]: type(m) for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+    assert kinds["wo"] is LoRALinear and kinds["wi"] is QuantLoRALinear and kinds["q"] is QuantLoRALinear
+    ids, labels = torch.randint(0, 128, (2, 9)), torch.randint(0, 128, (2, 5))
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss
+        merged = merge_and_unload(copy.deepcopy(model)).eval()
+        assert _rel(loss, merged(input_ids=ids, labels=labels).loss) <= 1e-6
+    model.train()
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert all(m.lora_A.weight.grad is not None for m in model.modules() if isinstance(m, LoRALayer))
+
+
 def test_modules_to_save_round_trip(llama, tmp_path):
     make, ids = llama
     ours = prepare_model(make(), QLoRAConfig(r=4, quant_type=None, target_modules=["q_proj"],

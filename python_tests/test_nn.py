@@ -231,6 +231,8 @@ def test_bad_construction():
         LoRALinear(8, 8, init_lora_weights="zeros")
     with pytest.raises(TypeError, match="from_linear takes the device and bias of `linear`"):
         LoRALinear.from_linear(_linear(), device="cpu")
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.uint8"):
+        QuantLoRALinear.from_linear(_linear())(torch.ones(2, 96, dtype=torch.uint8))
 
 
 @pytest.mark.cuda

@@ -9,7 +9,7 @@ from ..nn import LoRALinear, QuantLoRALinear
 from ..nn.lora import LoRALayer
 from .config import QLoRAConfig
 from . import runtime
-from .targets import find_targets, matches
+from .targets import find_targets, keeps_full_precision, matches
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -54,8 +54,6 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, device
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     targets = find_targets(model, config.target_modules, config.modules_to_save)
-    cls = QuantLoRALinear if config.quant_type is not None else LoRALinear
-    kwargs = config.lora_kwargs()
     for name in targets:
         linear = model.get_submodule(name)
         if device is not None:
@@ -63,13 +61,27 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, device
         if linear.weight.is_meta:
             raise ValueError(f"{name} has no weights (meta tensors): load the checkpoint first, or use "
                              "qlora_ext.load_quantized to quantize while reading it")
-        if config.quant_type is not None and not torch.isfinite(linear.weight).all():
+        cls, kwargs = layer_class(model, name, config)
+        if cls is QuantLoRALinear and not torch.isfinite(linear.weight).all():
             raise ValueError(f"{name}.weight has NaN or infinite values; refusing to quantize it")
         layer = cls.from_linear(linear, **kwargs)
         _set_submodule(model, name, layer)
         del linear, layer  # the dense weight goes now (unless the caller still holds it)
 
     return finish_preparation(model, config, device=device, verbose=verbose, n_layers=len(targets))
+
+
+def layer_class(model: nn.Module, name: str, config: QLoRAConfig) -> tuple[type[LoRALayer], dict]:
+    """The layer class that replaces target ``name`` and its constructor arguments: QuantLoRALinear with
+    a 4-bit base, except for modules the model keeps in float32 (:func:`keeps_full_precision`), which
+    get LoRALinear over their dense weight, as bitsandbytes + PEFT leave them."""
+    kwargs = config.lora_kwargs()
+    if config.quant_type is None:
+        return LoRALinear, kwargs
+    if keeps_full_precision(model, name):
+        return LoRALinear, {k: v for k, v in kwargs.items()
+                            if k not in ("quant_type", "blocksize", "double_quant", "compute_dtype")}
+    return QuantLoRALinear, kwargs
 
 
 @torch.no_grad()

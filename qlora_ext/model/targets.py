@@ -53,6 +53,15 @@ def find_targets(model: nn.Module, target_modules: str | list[str], exclude: lis
     return found
 
 
+def keeps_full_precision(model: nn.Module, name: str) -> bool:
+    """True for a module the model keeps in float32 (transformers' ``_keep_in_fp32_modules``, as T5's
+    ``wo``): bitsandbytes never quantizes those, and the model casts their input to their weight's
+    dtype (a packed 4-bit weight's uint8 would truncate it), so their adapter goes over a dense base."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return bool(keep) and any(part in keep for part in name.split("."))
+
+
 def _inside_lora(model: nn.Module, name: str) -> bool:
     """True for the lora_A / lora_B of an already prepared layer (never wrapped again)."""
     parts = name.split(".")

@@ -79,6 +79,8 @@ class QuantLoRALinear(LoRALayer):
         self._quantize(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # (a cast to the packed weight's uint8 upstream would land here)
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         cd = self.compute_dtype
         A, B, p = self._lora_operands(cd)
         bias = _cast(self.bias, cd) if self.bias is not None else None
