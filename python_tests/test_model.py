@@ -189,6 +189,21 @@ def test_merge_and_unload_gives_a_dense_model(llama):
     assert _rel(got, want) <= 1e-5
 
 
+def test_merge_and_unload_after_offload_decodes_with_the_kv_cache(llama):
+    """Activation offload turns the KV cache off for training; the merged model has it back (as the
+    model had it) and no offload flag, and generates the prepared model's tokens."""
+    make, ids = llama
+    model = prepare_model(make(), QLoRAConfig(r=4, compute_dtype=torch.float32, offload_activations=True),
+                          verbose=False).eval()
+    assert model.config.use_cache is False and model.qlora_offloads_activations
+    _randomize_adapters(model)
+    with torch.no_grad():
+        want = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False, use_cache=False)
+        merge_and_unload(model)
+        assert model.config.use_cache is True and not hasattr(model, "qlora_offloads_activations")
+        assert torch.equal(model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False), want)
+
+
 def test_minilm_adapter_round_trip_with_peft(tmp_path):
     from qlora_ext.quant_report import minilm_path
     try:

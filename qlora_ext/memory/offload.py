@@ -163,6 +163,7 @@ def enable_activation_offload(model: nn.Module, context_fn=None) -> int:
         patch_forward(layer, forward)
         layer._qlora_offloaded = True
     if getattr(model, "config", None) is not None:
+        model.__dict__.setdefault("qlora_use_cache", model.config.use_cache)  # (runtime.strip restores it)
         model.config.use_cache = False  # as transformers does when checkpointing
     model.qlora_offloads_activations = True
     return len(layers)

@@ -32,6 +32,9 @@ def strip(model: nn.Module) -> None:
             m.__dict__.pop("forward", None)
         for flag in ("_qlora_chunked", "_qlora_offloaded", "_qlora_fused"):
             m.__dict__.pop(flag, None)
+    if "qlora_use_cache" in model.__dict__:  # offload turned the KV cache off: a merged model decodes with it
+        model.config.use_cache = model.__dict__.pop("qlora_use_cache")
+    model.__dict__.pop("qlora_offloads_activations", None)
 
 
 def recompute_context_fn(model: nn.Module):
