@@ -200,6 +200,10 @@ def test_resume_refuses_changed_settings_and_long_prompts(tiny_lm, trec_jsonl, t
         causal_lm.finetune(str(tiny_lm), str(trec_jsonl), str(tmp_path / "a"), steps=4, batch_size=4, lr=3e-3,
                            seq_len=48, config=QLoRAConfig(r=4, lora_dropout=0.1), progress=False, eval_every=0,
                            resume=True)
+    with pytest.raises(ValueError, match="changed: .*'config'"):  # another r: the settings say so, not a shape
+        causal_lm.finetune(str(tiny_lm), str(trec_jsonl), str(tmp_path / "a"), steps=4, batch_size=8, lr=3e-3,
+                           seq_len=48, config=QLoRAConfig(r=8, lora_dropout=0.1), progress=False, eval_every=0,
+                           resume=True)
     long = tmp_path / "long.jsonl"
     long.write_text(('{"instruction": "' + "word " * 80 + '", "response": "x"}\n') * 12)
     with pytest.raises(ValueError, match="no training record has a response token within --seq-len=48"):

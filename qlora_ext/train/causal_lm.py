@@ -153,12 +153,14 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
                 "seed": seed, "lr": lr, "optim": optim, "config": config.to_dict(),
                 "step_in_backward": step_in_backward}
     if resume:
-        loop, extra = load_checkpoint(ckpt, model, opt)
-        saved = {"step_in_backward": False, **extra.get("settings", {})}  # (older checkpoints: the option off)
-        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-        if changed:
-            raise ValueError("resuming needs the settings the checkpoint was trained with (the batch order and the "
-                             f"optimizer depend on them); changed: {changed}")
+        def same_settings(extra: dict) -> None:
+            saved = {"step_in_backward": False, **extra.get("settings", {})}  # (older checkpoints: the option off)
+            changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+            if changed:
+                raise ValueError("resuming needs the settings the checkpoint was trained with (the batch order "
+                                 f"and the optimizer depend on them); changed: {changed}")
+
+        loop, _ = load_checkpoint(ckpt, model, opt, check=same_settings)
         rng_restore(loop.rng)
         print(f"resumed from {ckpt} at step {loop.step}")
     evaluate = (lambda: eval_loss(model, eval_ex, batch_size, pad_id, dev)) if eval_ex else None

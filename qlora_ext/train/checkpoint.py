@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -79,10 +80,12 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     return final
 
 
-def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer
-                    ) -> tuple[LoopState, dict]:
+def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    check: Callable[[dict], None] | None = None) -> tuple[LoopState, dict]:
     """Restores what :func:`save_checkpoint` wrote into a model prepared the same way and a fresh
-    optimizer over its trainable parameters; returns (loop state, extra)."""
+    optimizer over its trainable parameters; returns (loop state, extra). ``check(extra)`` runs before
+    any tensor is read (a caller's settings comparison: its message, not a shape mismatch, when the
+    run's settings changed)."""
     d = Path(directory)
     if not d.exists() and d.with_name(d.name + ".old").exists():  # a save was cut between its two renames
         d = d.with_name(d.name + ".old")
@@ -93,6 +96,8 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
         state = json.loads((d / STATE_NAME).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{d / STATE_NAME} is not valid JSON: {e}") from None
+    if check is not None:
+        check(state.get("extra", {}))
     saved = load_file(str(d / TRAINABLE_NAME))
     params = dict(model.named_parameters())
     if set(saved) != {n for n, p in params.items() if p.requires_grad}:
