@@ -1,6 +1,7 @@
 """qlora_ext.model.loading.load_quantized: a sharded local checkpoint read tensor by tensor into a
 prepared model (the same model prepare_model makes from the dense one; peak bytes within one dense
-layer of the result), a bitsandbytes 4-bit checkpoint loaded without re-quantization, and bad input."""
+layer of the result), a bitsandbytes 4-bit checkpoint loaded without re-quantization, a saved prepared
+model's trained adapters kept, non-persistent buffers (Gemma's embed_scale) rebuilt, and bad input."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora_ext import QLoRAConfig, load_quantized, prepare_model
 from qlora_ext.functional import QuantState, dequantize_4bit
+from qlora_ext.model.loading import fix_meta_buffers
 from qlora_ext.nn import QuantLoRALinear
 
 transformers = pytest.importorskip("transformers")
@@ -157,3 +159,83 @@ def test_config_and_weights_that_disagree(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"\.weight: the checkpoint has shape \(96, 64\), the model's config says \(90, 64\)"):
         load_quantized(tmp_path, device="cpu")
+
+
+def _save_prepared(folder, quant_type="nf4"):
+    """A prepared model with trained-looking adapters, saved as a Trainer saves it (save_pretrained)."""
+    torch.manual_seed(0)
+    model = prepare_model(transformers.LlamaForCausalLM(_config()),
+                          QLoRAConfig(r=4, quant_type=quant_type, compute_dtype=torch.float32), verbose=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", None])
+def test_saved_prepared_model_keeps_its_trained_adapters(tmp_path, quant_type):
+    want = _save_prepared(tmp_path, quant_type)
+    got = load_quantized(tmp_path, QLoRAConfig(r=4, quant_type=quant_type, compute_dtype=torch.float32),
+                         dtype=torch.float32, device="cpu", verbose=False).eval()
+    a, b = want.state_dict(), got.state_dict()
+    assert sorted(a) == sorted(b)
+    for k in a:  # lora_A and lora_B included: nothing re-initialized
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert got.model.layers[0].self_attn.q_proj.lora_B.weight.abs().sum() > 0
+    assert got.model.layers[0].self_attn.q_proj.lora_B.weight.requires_grad
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(want(ids).logits, got(ids).logits)
+
+
+def test_saved_adapters_that_do_not_fit_the_config(tmp_path):
+    _save_prepared(tmp_path, quant_type=None)
+    with pytest.raises(ValueError, match=r"lora_[AB]\.weight: the checkpoint holds an adapter of rank 4 "
+                                         r"\(shape \(\d+, \d+\)\); QLoRAConfig has r=8 .*load it with r=4"):
+        load_quantized(tmp_path, QLoRAConfig(r=8, quant_type=None), device="cpu", verbose=False)
+    with pytest.raises(ValueError, match=r"holds a LoRA adapter on model\.layers\.0\.mlp\.\w+_proj, which is not "
+                                         r"among target_modules \['q_proj', 'v_proj'\]"):
+        load_quantized(tmp_path, QLoRAConfig(r=4, quant_type=None, target_modules=["q_proj", "v_proj"]),
+                       device="cpu", verbose=False)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["model.layers.1.self_attn.v_proj.lora_B.weight"]
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"holds model\.layers\.1\.self_attn\.v_proj\.lora_A but not "
+                                         r"model\.layers\.1\.self_attn\.v_proj\.lora_B"):
+        load_quantized(tmp_path, QLoRAConfig(r=4, quant_type=None), device="cpu", verbose=False)
+
+
+@pytest.mark.parametrize("config_name,model_name", [("GemmaConfig", "GemmaForCausalLM"),
+                                                    ("Gemma2Config", "Gemma2ForCausalLM"),
+                                                    ("Gemma3TextConfig", "Gemma3ForCausalLM")])
+def test_non_persistent_buffers_of_any_module_are_rebuilt(tmp_path, config_name, model_name):
+    """Gemma's embedding computes its embed_scale buffer from a constructor argument (not a config): it
+    is in no checkpoint, yet load_quantized (and fix_meta_buffers) give it the model's own value."""
+    if not hasattr(transformers, config_name) or not hasattr(transformers, model_name):
+        pytest.skip(f"this transformers has no {model_name}")
+    hf_config = getattr(transformers, config_name)(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=96, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    dense = getattr(transformers, model_name)(hf_config)
+    dense.save_pretrained(tmp_path)
+    buffers = dict(dense.named_buffers())
+    cfg = QLoRAConfig(r=4, compute_dtype=torch.float32)
+    want = prepare_model(getattr(transformers, model_name).from_pretrained(tmp_path), cfg, verbose=False).eval()
+    got = load_quantized(tmp_path, cfg, dtype=torch.float32, device="cpu", verbose=False).eval()
+    got_buffers = dict(got.named_buffers())
+    for k, v in dict(want.named_buffers()).items():  # the non-persistent ones too (not in state_dict)
+        assert torch.equal(v, got_buffers[k]), k
+    if "embed_scale" in dict(dense.model.embed_tokens.named_buffers()):
+        assert got.model.embed_tokens.embed_scale.item() == pytest.approx(64**0.5)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(want(ids).logits, got(ids).logits)
+    with torch.device("meta"):  # a model built on meta (what bench/memory_65b.py does)
+        shell = type(dense)(dense.config)
+    fix_meta_buffers(shell, dense.config, "cpu")
+    assert {k: v for k, v in shell.named_buffers()}.keys() == buffers.keys()
+    for k, v in shell.named_buffers():
+        assert torch.equal(v, buffers[k]), k

@@ -1,9 +1,10 @@
 """load_quantized: build a transformers model from a local folder without ever holding it dense —
-the model is created on the meta device, then the safetensors shards are read one tensor at a time;
-each target layer's weight is quantized as it arrives (or, from a bitsandbytes 4-bit checkpoint,
-taken as stored, without re-quantization) and released before the next."""
+the model is created with its parameters on the meta device, then the safetensors shards are read one
+tensor at a time; each target layer's weight is quantized as it arrives (or, from a bitsandbytes 4-bit
+checkpoint, taken as stored, without re-quantization) and released before the next."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..functional import QuantState, decode_quant_state_blob
 from ..nn import LoRALinear, QuantLoRALinear
+from ..nn.lora import LoRALayer
 from .config import QLoRAConfig
 from .prepare import _set_submodule, finish_preparation
 from .targets import find_targets
@@ -91,20 +93,59 @@ def fill_meta_parameters(model: nn.Module, device, dtype: torch.dtype, std: floa
                 m._parameters[pname] = nn.Parameter(t, requires_grad=False)
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get every parameter on the meta device, but their buffers computed for real
+    (on the CPU, by their own constructors): the non-persistent ones (rotary inverse frequencies, Gemma's
+    embed_scale) are in no checkpoint, and only the module knows how it derives them from its own
+    constructor arguments. A parameter exists (allocated, uninitialized, untouched) only until it is
+    registered. (accelerate's ``init_empty_weights(include_buffers=False)``, without the dependency.)"""
+    register = nn.Module.register_parameter
+
+    def to_meta(module, name, param):
+        register(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and not p.is_meta:
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        with torch.device("cpu"):  # (the caller may be inside a meta context)
+            yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _skeleton(build, device, *, checkpoint_buffers: bool):
+    """``build()`` with its parameters on meta and its non-persistent buffers on ``device``; persistent
+    buffers on meta too when ``checkpoint_buffers`` (they must come from the checkpoint: a missing one is
+    then reported, not silently left at its constructor's value)."""
+    with _parameters_on_meta():
+        model = build()
+    for m in model.modules():
+        for name, b in list(m._buffers.items()):
+            if b is not None and not b.is_meta:
+                persistent = name not in m._non_persistent_buffers_set
+                m._buffers[name] = b.to("meta" if persistent and checkpoint_buffers else device)
+    return model
+
+
 def fix_meta_buffers(model: nn.Module, hf_config, device) -> None:
-    """Non-persistent buffers (rotary inverse frequencies) are not in checkpoints: rebuild the small
-    modules that own them on the real device."""
-    for name, m in list(model.named_modules()):
-        if any(b.is_meta for b in m.buffers(recurse=False)):
-            try:
-                with torch.device("cpu"):  # (inside load_quantized's meta context otherwise)
-                    fresh = type(m)(config=getattr(m, "config", hf_config))
-            except TypeError:
-                bad = [f"{name}.{b}" for b, t in m.named_buffers(recurse=False) if t.is_meta]
-                raise ValueError(f"buffers {bad} are neither in the checkpoint nor rebuildable") from None
-            for bname, b in fresh.named_buffers(recurse=False):
-                if m._buffers.get(bname) is not None and m._buffers[bname].is_meta:
-                    m._buffers[bname] = b.to(device)
+    """Buffers still on the meta device (a model built under ``torch.device("meta")``) get the values
+    the model's own constructor gives them: a second skeleton of ``type(model)(hf_config)`` is built with
+    its parameters on meta, so any module's buffers are rebuilt, whatever its constructor's arguments."""
+    meta = [n for n, b in model.named_buffers() if b.is_meta]
+    if not meta:
+        return
+    with _parameters_on_meta():
+        fresh = dict(type(model)(hf_config).named_buffers())
+    bad = [n for n in meta if n not in fresh or fresh[n].is_meta]
+    if bad:
+        raise ValueError(f"buffers {bad[:5]} are neither in the checkpoint nor built by "
+                         f"{type(model).__name__}'s constructor")
+    for n in meta:
+        owner, _, attr = n.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = fresh[n].to(device)
 
 
 @torch.no_grad()
@@ -114,7 +155,9 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
     """A transformers model from a local folder (``config.json`` + safetensors, sharded or not),
     prepared like :func:`prepare_model` while it is read: peak memory is the quantized model plus one
     dense tensor. A bitsandbytes 4-bit checkpoint (what transformers saves for a ``load_in_4bit``
-    model) loads into our layers as stored; its format wins over ``config``'s.
+    model) loads into our layers as stored; its format wins over ``config``'s. Adapters in the checkpoint
+    (a saved prepared model's ``lora_A`` / ``lora_B``) are kept, and must have rank ``config.r``; layers
+    without one get fresh adapters.
 
     ``dtype`` is the dtype of the non-quantized weights as loaded (upcast to float32 afterwards when
     quantizing, as :func:`prepare_model`). ``model.qlora_load_stats`` holds the byte accounting:
@@ -131,8 +174,7 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
     hf_config = transformers.AutoConfig.from_pretrained(folder)
     hf_config.dtype = dtype
     auto = getattr(transformers, auto_class)
-    with torch.device("meta"):
-        model = auto.from_config(hf_config)
+    model = _skeleton(lambda: auto.from_config(hf_config), device, checkpoint_buffers=True)
     targets = find_targets(model, config.target_modules, config.modules_to_save)
     layer_cls = QuantLoRALinear if config.quant_type is not None else LoRALinear
     for name in targets:
@@ -166,6 +208,12 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
                     pending.setdefault(owner, {})["weight"] = f.get_tensor(key)
                     continue
                 t = f.get_tensor(key)
+                adapted, _, part = owner.rpartition(".")
+                if part in ("lora_A", "lora_B") and attr == "weight":  # a trained adapter (a saved prepared model)
+                    _load_adapter(model, key, t, adapted, part, target_set, config, device)
+                    live += t.numel() * model.get_parameter(key).element_size()
+                    account(0)
+                    continue
                 if owner in stored_4bit and owner not in target_set:
                     raise ValueError(f"{owner} is stored 4-bit (bitsandbytes) but is not among target_modules: "
                                      "include it (every 4-bit layer becomes a LoRA layer) — dequantizing it is not done")
@@ -204,12 +252,22 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
                          "(a checkpoint of another architecture?)")
     if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
-    fix_meta_buffers(model, hf_config, device)
-    for name, m in model.named_modules():  # fresh adapters (they were shells on meta)
-        if isinstance(m, (QuantLoRALinear, LoRALinear)):
-            m.lora_A.to_empty(device=device)
-            m.lora_B.to_empty(device=device)
-            m.reset_lora_parameters(config.init_lora_weights)
+    kept = 0
+    for name, m in model.named_modules():  # the checkpoint's adapters are kept; the others are shells on meta
+        if isinstance(m, LoRALayer):
+            on_meta = [p for p in ("lora_A", "lora_B") if getattr(m, p).weight.is_meta]
+            if len(on_meta) == 1:
+                have = "lora_B" if on_meta == ["lora_A"] else "lora_A"
+                raise ValueError(f"the checkpoint holds {name}.{have} but not {name}.{on_meta[0]} "
+                                 "(a truncated checkpoint?)")
+            if on_meta:
+                m.lora_A.to_empty(device=device)
+                m.lora_B.to_empty(device=device)
+                m.reset_lora_parameters(config.init_lora_weights)
+            else:
+                kept += 1
+    if kept and verbose:
+        print(f"qlora_ext: kept the checkpoint's trained adapters on {kept} of {len(targets)} layers")
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:
         raise ValueError(f"the checkpoint in {folder} lacks {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
@@ -219,6 +277,25 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
     stats["peak_bytes"] = max(stats["peak_bytes"], stats["final_bytes"])  # the adapters come last
     model.qlora_load_stats = stats
     return model
+
+
+def _load_adapter(model: nn.Module, key: str, t: torch.Tensor, layer_name: str, part: str, target_set: set,
+                  config: QLoRAConfig, device) -> None:
+    """A checkpoint's ``lora_A`` / ``lora_B`` (what saving a prepared model writes) is the user's trained
+    state: it is kept (in ``lora_dtype``), never re-initialized or dropped."""
+    if layer_name not in target_set:
+        raise ValueError(f"{key}: the checkpoint holds a LoRA adapter on {layer_name}, which is not among "
+                         f"target_modules {config.target_modules}: include it (dropping a trained adapter is not done)")
+    lora = model.get_submodule(f"{layer_name}.{part}")
+    want = tuple(lora.weight.shape)
+    rank = t.shape[0 if part == "lora_A" else 1] if t.dim() == 2 else None
+    if rank is not None and rank != config.r:
+        raise ValueError(f"{key}: the checkpoint holds an adapter of rank {rank} (shape {tuple(t.shape)}); "
+                         f"QLoRAConfig has r={config.r} (shape {want}): load it with r={rank}")
+    if tuple(t.shape) != want:
+        raise ValueError(f"{key}: the checkpoint has shape {tuple(t.shape)}, the model's config says {want} "
+                         "(config.json and the weights disagree)")
+    lora.weight = nn.Parameter(t.to(device=device, dtype=lora.weight.dtype), requires_grad=False)
 
 
 def _complete_4bit(parts: dict) -> bool:
@@ -267,8 +344,8 @@ def build_random_quantized(hf_config, config: QLoRAConfig | None = None, *, devi
     config = config or QLoRAConfig()
     device = torch.device(device)
     hf_config.dtype = dtype
-    with torch.device("meta"):
-        model = getattr(transformers, auto_class).from_config(hf_config)
+    model = _skeleton(lambda: getattr(transformers, auto_class).from_config(hf_config), device,
+                      checkpoint_buffers=False)
     targets = set(find_targets(model, config.target_modules, config.modules_to_save))
     layer_cls = QuantLoRALinear if config.quant_type is not None else LoRALinear
     for name in sorted(targets):
@@ -283,6 +360,5 @@ def build_random_quantized(hf_config, config: QLoRAConfig | None = None, *, devi
     fill_meta_parameters(model, device, dtype, std)
     if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
-    fix_meta_buffers(model, hf_config, device)
     finish_preparation(model, config, device=device, verbose=verbose, n_layers=len(targets))
     return model
