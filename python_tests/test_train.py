@@ -66,6 +66,15 @@ def test_jsonl_forms(tmp_path):
     assert read_jsonl(p) == [{"prompt": "", "response": "plain"}, {"prompt": "p\n\nctx", "response": "c"}]
 
 
+def test_jsonl_that_is_not_utf8_or_a_directory(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"text": "ok \xc3\xa9"}\n{"text": "caf\xe9 \xff"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9 at byte 14 of the line\)"):
+        read_jsonl(p)
+    with pytest.raises(ValueError, match=f"data file {tmp_path} is a directory; expected a JSONL file"):
+        read_jsonl(tmp_path)
+
+
 def test_prompt_tokens_are_masked_and_packing(tiny_lm):
     tok = transformers.AutoTokenizer.from_pretrained(tiny_lm)
     ex = causal_lm.tokenize_records([{"prompt": "what is it", "response": "a test"}, {"prompt": "", "response": "x y"}],
@@ -95,12 +104,13 @@ def test_finetune_loss_decreases_and_adapter_loads_in_peft(tiny_lm, trec_jsonl, 
 
 
 def test_resume_continues_the_same_loss_curve(tiny_lm, trec_jsonl, tmp_path):
-    _run(tiny_lm, trec_jsonl, tmp_path / "a", steps=6)
+    ra = _run(tiny_lm, trec_jsonl, tmp_path / "a", steps=6)
     _run(tiny_lm, trec_jsonl, tmp_path / "b", steps=3)
-    _run(tiny_lm, trec_jsonl, tmp_path / "b", steps=6, resume=True)
+    rb = _run(tiny_lm, trec_jsonl, tmp_path / "b", steps=6, resume=True)
     a = [json.loads(l)["loss"] for l in open(tmp_path / "a" / "train_log.jsonl")]
     b = [json.loads(l)["loss"] for l in open(tmp_path / "b" / "train_log.jsonl")]
     assert len(b) == 6 and b == pytest.approx(a, rel=1e-6)
+    assert ra["eval_before"] is not None and rb["eval_before"] == pytest.approx(ra["eval_before"], rel=1e-6)
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_lm, trec_jsonl, tmp_path, monkeypatch):

@@ -160,18 +160,20 @@ def finetune(model_dir: str, data_path: str, output: str = "qlora-out", *, steps
                 raise ValueError("resuming needs the settings the checkpoint was trained with (the batch order "
                                  f"and the optimizer depend on them); changed: {changed}")
 
-        loop, _ = load_checkpoint(ckpt, model, opt, check=same_settings)
+        loop, extra = load_checkpoint(ckpt, model, opt, check=same_settings)
         rng_restore(loop.rng)
         print(f"resumed from {ckpt} at step {loop.step}")
     evaluate = (lambda: eval_loss(model, eval_ex, batch_size, pad_id, dev)) if eval_ex else None
-    before = evaluate() if (evaluate and loop.step == 0) else None
+    # the eval loss before training: measured at step 0, carried in the checkpoint across resumes
+    before = evaluate() if (evaluate and loop.step == 0) else (extra.get("eval_before") if resume else None)
     batches = batch_stream(train_ex, batch_size, seed, pad_id, dev, skip=loop.step * grad_accum)
 
     def loss_fn(m, b):
         return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
 
     def save(state):
-        save_checkpoint(ckpt, model, opt, state, {"data": str(data_path), "model": str(model_dir), "settings": settings})
+        save_checkpoint(ckpt, model, opt, state, {"data": str(data_path), "model": str(model_dir), "settings": settings,
+                                                  "eval_before": before})
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -94,11 +94,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
     and ``response`` (or ``output``/``completion``), optional ``input``. Returns
     ``[{"prompt": str, "response": str}]`` (prompt empty for plain text). ValueError names the line."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"data file {path} is a directory; expected a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     records = []
-    with open(path, encoding="utf-8-sig") as f:  # (a BOM is skipped)
+    # undecodable bytes are kept as surrogates (lines split as before) and reported with their line
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # (a BOM is skipped)
         for lineno, line in enumerate(f, 1):
+            _check_utf8(line, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -111,6 +115,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not records:
         raise ValueError(f"{path} has no records (empty file)")
     return records
+
+
+def _check_utf8(line: str, path: Path, lineno: int) -> None:
+    try:
+        line.encode("utf-8")  # fails exactly on the surrogates that stand for undecodable bytes
+    except UnicodeEncodeError as e:
+        at = len(line[: e.start].encode("utf-8", "surrogateescape"))
+        byte = line[e.start].encode("utf-8", "surrogateescape")[0]
+        raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{byte:02x} at byte {at + 1} of the line); "
+                         "save the file as UTF-8") from None
 
 
 def _record(obj: dict, path: Path, lineno: int) -> dict:
