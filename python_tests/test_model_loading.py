@@ -239,3 +239,28 @@ def test_non_persistent_buffers_of_any_module_are_rebuilt(tmp_path, config_name,
     assert {k: v for k, v in shell.named_buffers()}.keys() == buffers.keys()
     for k, v in shell.named_buffers():
         assert torch.equal(v, buffers[k]), k
+
+
+def test_modules_kept_in_float32_load_dense(tmp_path):
+    """T5's wo (``_keep_in_fp32_modules``) loads as LoRA over its dense weight, kept float32 whatever
+    ``dtype`` the rest loads in, as prepare_model makes it: the same loss."""
+    import copy
+
+    from qlora_ext.nn import LoRALinear
+
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    model.save_pretrained(tmp_path)
+    qc = QLoRAConfig(r=4, quant_type="nf4", compute_dtype=torch.float32)
+    want = prepare_model(copy.deepcopy(model), qc, verbose=False).eval()
+    for dtype in (torch.bfloat16, torch.float32):
+        got = load_quantized(tmp_path, qc, auto_class="AutoModelForSeq2SeqLM", dtype=dtype, verbose=False).eval()
+        wo = got.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo")
+        assert type(wo) is LoRALinear and wo.weight.dtype == torch.float32
+        assert isinstance(got.get_submodule("encoder.block.0.layer.1.DenseReluDense.wi"), QuantLoRALinear)
+    ids, labels = torch.randint(0, 128, (2, 9)), torch.randint(0, 128, (2, 5))
+    with torch.no_grad():  # (the float32 load: the same weights as prepare_model's)
+        a, b = want(input_ids=ids, labels=labels).loss, got(input_ids=ids, labels=labels).loss
+    assert abs(a.item() - b.item()) <= 1e-6 * abs(a.item())

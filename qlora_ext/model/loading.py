@@ -14,11 +14,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..functional import QuantState, decode_quant_state_blob
-from ..nn import LoRALinear, QuantLoRALinear
+from ..nn import QuantLoRALinear
 from ..nn.lora import LoRALayer
 from .config import QLoRAConfig
-from .prepare import _set_submodule, finish_preparation
-from .targets import find_targets
+from .prepare import _set_submodule, finish_preparation, layer_class
+from .targets import find_targets, keeps_full_precision
 
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
@@ -176,11 +176,11 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
     auto = getattr(transformers, auto_class)
     model = _skeleton(lambda: auto.from_config(hf_config), device, checkpoint_buffers=True)
     targets = find_targets(model, config.target_modules, config.modules_to_save)
-    layer_cls = QuantLoRALinear if config.quant_type is not None else LoRALinear
     for name in targets:
         lin = model.get_submodule(name)
+        layer_cls, kwargs = layer_class(model, name, config)
         _set_submodule(model, name, layer_cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                              device="meta", **config.lora_kwargs()))
+                                              device="meta", **kwargs))
     target_set = set(targets)
     pending: dict[str, dict[str, torch.Tensor]] = {}  # bitsandbytes parts of a layer, until complete
     unexpected, stats = [], {"peak_bytes": 0, "largest_dense_bytes": 0}
@@ -229,8 +229,9 @@ def load_quantized(model_dir: str | os.PathLike, config: QLoRAConfig | None = No
                         raise ValueError(f"{key} has NaN or infinite values; refusing to quantize it")
                     if isinstance(layer, QuantLoRALinear):
                         layer._quantize(w)
-                    else:
-                        layer.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+                    else:  # (a module the model keeps in float32 stays float32: keeps_full_precision)
+                        keep = keeps_full_precision(model, owner) and w.is_floating_point()
+                        layer.weight = nn.Parameter(w.to(torch.float32 if keep else dtype), requires_grad=False)
                     del t, w
                     live = _model_bytes(model)
                     continue
@@ -347,7 +348,6 @@ def build_random_quantized(hf_config, config: QLoRAConfig | None = None, *, devi
     model = _skeleton(lambda: getattr(transformers, auto_class).from_config(hf_config), device,
                       checkpoint_buffers=False)
     targets = set(find_targets(model, config.target_modules, config.modules_to_save))
-    layer_cls = QuantLoRALinear if config.quant_type is not None else LoRALinear
     for name in sorted(targets):
         lin = model.get_submodule(name)
         w = torch.empty(lin.out_features, lin.in_features, device=device, dtype=dtype).normal_(0.0, std)
@@ -355,7 +355,8 @@ def build_random_quantized(hf_config, config: QLoRAConfig | None = None, *, devi
         dense.weight = nn.Parameter(w, requires_grad=False)
         if lin.bias is not None:
             dense.bias = nn.Parameter(torch.zeros(lin.out_features, device=device, dtype=dtype), requires_grad=False)
-        _set_submodule(model, name, layer_cls.from_linear(dense, **config.lora_kwargs()))
+        layer_cls, kwargs = layer_class(model, name, config)
+        _set_submodule(model, name, layer_cls.from_linear(dense, **kwargs))
         del w, dense
     fill_meta_parameters(model, device, dtype, std)
     if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
