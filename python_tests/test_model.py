@@ -240,6 +240,11 @@ def test_unknown_or_unmatched_targets(llama):
         QLoRAConfig(quant_type="int4")
     with pytest.raises(ValueError, match="modules_to_save"):
         prepare_model(make(), QLoRAConfig(target_modules=["q_proj"], modules_to_save=["classifier"]))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"GPT-2-style Conv1D, which qlora_ext does not adapt yet"):
+        prepare_model(gpt2, QLoRAConfig())
+    with pytest.raises(ValueError, match=r"\(Conv1D: GPT-2-style, not adapted yet\)"):
+        prepare_model(gpt2, QLoRAConfig(target_modules=["c_attn"]))
 
 
 def test_nan_weights_refused(llama):

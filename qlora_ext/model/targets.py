@@ -45,11 +45,15 @@ def find_targets(model: nn.Module, target_modules: str | list[str], exclude: lis
             not_linear = [n for n in all_names if matches(n, target_modules) and n not in found
                           and not _inside_lora(model, n) and not isinstance(model.get_submodule(n), LoRALayer)]
             if not_linear:
-                raise ValueError(f"target_modules select modules that are not nn.Linear: {not_linear[:5]} "
-                                 f"({type(model.get_submodule(not_linear[0])).__name__})")
+                kind = type(model.get_submodule(not_linear[0])).__name__
+                raise ValueError(f"target_modules select modules that are not nn.Linear: {not_linear[:5]} ({kind}"
+                                 + (": GPT-2-style, not adapted yet)" if kind == "Conv1D" else ")"))
     if not found:
+        conv1d = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Conv1D"})
+        hint = (f" (its projections {conv1d[:6]} are transformers' GPT-2-style Conv1D, which qlora_ext does not "
+                "adapt yet)") if conv1d else ""
         raise ValueError(f"target_modules={target_modules!r} selects no nn.Linear layer of {type(model).__name__}; "
-                         f"its linear modules are named like {_examples(linears)}")
+                         f"its linear modules are named like {_examples(linears)}{hint}")
     return found
 
 
