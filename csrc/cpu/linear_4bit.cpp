@@ -1,13 +1,14 @@
 // CPU kernels: the 4-bit linear (y = x W^T + lora_xa B^T + bias) and its input gradient
 // (g W + lora_grad A).
 // Every GEMM runs in gemm_dtype(x) (common/gemm_dtype.h): x's dtype, or float32 for 16-bit x on a CPU
-// whose 16-bit GEMM is a slow scalar fallback (then the result is rounded to x's dtype once, at the end).
+// whose 16-bit GEMM is a slow scalar fallback (the result then rounded to x's dtype once, at the end).
 // Up to kCpuGemvMaxRows rows multiplied in float32 (decode): gemv_4bit.cpp, cache-sized chunks of W and
-// dot products (QLORA_EXT_GEMV=0 turns it off, as on CUDA); a native 16-bit GEMM keeps the tile path,
-// which beat it from 4 rows (bench/RESULTS.md). Otherwise blocked over rows of W: dequantize a tile of
-// W (about 4M elements, in the GEMM's dtype) into a reused buffer, multiply it with ATen's GEMM, move on. Tiles hold whole blocks, so a tile is at least blocksize / gcd(in,
-// blocksize) rows: with an odd in_features and a large blocksize that minimum (and so the buffer) can
-// exceed 4M elements; for usual layers (in_features a multiple of 64) W never exists whole above 4M.
+// dot products (QLORA_EXT_GEMV=0 turns it off, as on CUDA); with a native 16-bit GEMM, 16-bit x keeps
+// the tile path, which beat it from 4 rows (bench/RESULTS.md). Otherwise blocked over rows of W:
+// dequantize a tile of W (about 4M elements, in the GEMM's dtype) into a reused buffer, multiply it with
+// ATen's GEMM, move on. Tiles hold whole blocks, so a tile is at least blocksize / gcd(in, blocksize)
+// rows: with an odd in_features and a large blocksize that minimum (and so the buffer) can exceed 4M
+// elements; for usual layers (in_features a multiple of 64) W never exists whole above 4M.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
