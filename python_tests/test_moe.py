@@ -217,6 +217,26 @@ def test_bad_input(make):
         merge_task(model, 7)
 
 
+def test_set_task_survives_calls_that_pass_their_own(make):
+    """set_task fixes the ids for forwards that pass none; a call with task_ids= uses them for itself
+    only (it replaced the fixed ones before); set_task(None) unsets."""
+    from qlora_ext import set_task
+
+    model = _moe(make)
+    ids = torch.randint(0, 128, (1, 6))
+    set_task(model, 2)
+    with torch.no_grad():
+        fixed = model(input_ids=ids).logits
+        other = model(input_ids=ids, task_ids=torch.tensor([0])).logits
+        assert _rel(other, fixed) > 1e-3
+        assert torch.equal(model(input_ids=ids).logits, fixed)
+        model(input_ids=ids.expand(3, -1), task_ids=torch.tensor([0, 1, 2]))  # another batch size
+        assert torch.equal(model(input_ids=ids).logits, fixed)
+        set_task(model, None)
+        with pytest.raises(ValueError, match="needs task ids"):
+            model(input_ids=ids)
+
+
 def test_standalone_moelora_linear_and_trainer_with_task_ids(make, tmp_path):
     from qlora_ext.nn import MoELoRALinear, TaskGate
     lin = torch.nn.Linear(32, 24)

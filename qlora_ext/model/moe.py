@@ -70,10 +70,12 @@ def attach_experts(model: nn.Module, config: MoELoRAConfig) -> None:
             m.set_rank_scaler(TaskRankScale(gate, m.r), register=False)
 
         def take_task_ids(module, args, kwargs):
-            if "task_ids" in kwargs:
+            if "task_ids" in kwargs:  # this call's ids
                 gate.set_task_ids(kwargs.pop("task_ids"))
-            elif not getattr(gate, "sticky", False):
-                gate.set_task_ids(None)
+            else:  # set_task's (or none): also after a call that passed its own
+                fixed = getattr(gate, "fixed_task_ids", None)
+                if gate.task_ids is not fixed:
+                    gate.set_task_ids(fixed)
             gate.begin_forward()  # the gate's weights: once per forward, shared by the layers
             return args, kwargs
         add_hook(model, "pre_hook", take_task_ids, with_kwargs=True)
@@ -91,7 +93,7 @@ def set_task(model: nn.Module, task_ids: torch.Tensor | int | None) -> None:
     """Fixes the task ids for the following forwards that pass none (e.g. ``generate``); None unsets."""
     gate = _gate(model)
     gate.set_task_ids(task_ids)
-    gate.sticky = task_ids is not None
+    gate.fixed_task_ids = gate.task_ids  # (checked once here; a call passing task_ids= uses them only for itself)
 
 
 def _gate(model: nn.Module) -> TaskGate:
