@@ -4,6 +4,8 @@ follows its formula at every step and ends at target_r per layer, the Trainer ca
 adapters load both ways in PEFT's ADALORA format, and bad input."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -160,6 +162,46 @@ def test_layer_pruned_to_no_rank(make, tmp_path, quant_type):
     ours.train()
     ours(input_ids=ids, labels=ids).loss.backward()
     assert all(m.lora_A.grad is not None for n, m in adalora_layers(ours).items() if n != names[0])
+
+
+def test_loaded_adapter_saves_back_and_refuses_a_schedule(make, tmp_path):
+    """An adapter loaded (sliced to its rank pattern) and saved again writes the same rank pattern and
+    tensors (ours and PEFT load it to the same logits); continuing the budget schedule on it is refused
+    with the reason (it ranks all init_r triplets)."""
+    ours, _ = _pair(make, total_step=6, tinit=0, tfinal=1, deltaT=1)
+    ours.train()
+    for step in range(6):
+        ids = torch.randint(0, 128, (2, 8))
+        ours.zero_grad()
+        ours(input_ids=ids, labels=ids).loss.backward()
+        update_and_allocate(ours, step)
+    save_adapter(ours, tmp_path / "a")
+    loaded = load_adapter(make(), tmp_path / "a", quant_type=None).eval()
+    save_adapter(loaded, tmp_path / "b")
+    cfg_a, cfg_b = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in "ab")
+    assert cfg_b["rank_pattern"] == cfg_a["rank_pattern"]
+    again = load_adapter(make(), tmp_path / "b", quant_type=None).eval()
+    peft_again = peft.PeftModel.from_pretrained(make(), tmp_path / "b").eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        want = loaded(ids).logits
+        assert _rel(again(ids).logits, want) <= 1e-6 and _rel(peft_again(ids).logits, want) <= 1e-5
+    loaded.train()
+    loaded(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(ValueError, match="sliced to its rank pattern: AdaLoRA's budget schedule cannot continue"):
+        update_and_allocate(loaded, 0)
+
+
+def test_target_r_equal_to_init_r_keeps_every_rank(make):
+    """target_r == init_r (allowed): the schedule runs through and prunes nothing."""
+    model = prepare_model(make(), AdaLoRAConfig(init_r=4, target_r=4, total_step=5, tinit=0, tfinal=1, deltaT=1,
+                                                quant_type=None, target_modules=TARGETS), verbose=False).train()
+    for step in range(5):
+        ids = torch.randint(0, 128, (2, 8))
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        pattern = update_and_allocate(model, step)
+    assert pattern is not None and all(all(v) for v in pattern.values())  # (the last step's, at the end)
 
 
 def test_bad_input(make, tmp_path):

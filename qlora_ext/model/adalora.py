@@ -170,6 +170,8 @@ class RankAllocator:
     @torch.no_grad()
     def mask_to_budget(self, model: nn.Module, budget: int) -> dict[str, list[bool]]:
         layers = self.layers(model)
+        if budget >= self.init_bgt:  # nothing to prune (target_r == init_r): every rank kept
+            return {n: [True] * layers[n].lora_E.shape[0] for n in self.names}
         triplet = {n: self._score(n, "lora_E").view(-1) + self._score(n, "lora_A").mean(dim=1)
                    + self._score(n, "lora_B").mean(dim=0) for n in self.names}
         threshold = torch.kthvalue(torch.cat([triplet[n] for n in self.names]), k=self.init_bgt - budget)[0].item()
@@ -202,6 +204,11 @@ def update_and_allocate(model: nn.Module, global_step: int) -> dict[str, list[bo
     alloc: RankAllocator | None = getattr(model, "qlora_rank_allocator", None)
     if alloc is None:
         raise ValueError(f"{type(model).__name__} has no AdaLoRA layers: prepare it with AdaLoRAConfig")
+    sliced = [n for n, m in alloc.layers(model).items() if getattr(m, "kept_ranks", None) is not None]
+    if sliced:
+        raise ValueError(f"{sliced[0]} (and {len(sliced) - 1} more) hold a loaded adapter sliced to its rank pattern: "
+                         "AdaLoRA's budget schedule cannot continue on it (it ranks all init_r triplets); resume "
+                         "from a training checkpoint (qlora-ext finetune --resume, the Trainer's), which keeps them")
     c = alloc.config
     end = c.total_step - c.tfinal
     if global_step < end:
@@ -241,10 +248,14 @@ def save_adalora_adapter(model: nn.Module, directory: str | os.PathLike) -> Path
     config: AdaLoRAConfig = model.qlora_config
     layers = adalora_layers(model)
     alloc = getattr(model, "qlora_rank_allocator", None)
-    pattern = (alloc.rank_pattern if alloc is not None else None) or {n: [True] * m.r for n, m in layers.items()}
+    pattern = dict((alloc.rank_pattern if alloc is not None else None) or {n: [True] * m.r for n, m in layers.items()})
     tensors = {}
     for n, m in layers.items():
-        keep = torch.tensor(pattern[n], dtype=torch.bool, device=m.lora_E.device)
+        if getattr(m, "kept_ranks", None) is not None:  # loaded, already sliced: its pattern is the loaded one
+            pattern[n] = m.kept_ranks
+            keep = slice(None)
+        else:
+            keep = torch.tensor(pattern[n], dtype=torch.bool, device=m.lora_E.device)
         tensors[f"{_PREFIX}{n}.lora_A"] = m.lora_A[keep]
         tensors[f"{_PREFIX}{n}.lora_E"] = m.lora_E[keep]
         tensors[f"{_PREFIX}{n}.lora_B"] = m.lora_B[:, keep]

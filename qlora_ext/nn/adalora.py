@@ -58,8 +58,10 @@ class AdaLoRAMixin:
 
     def keep_ranks(self, mask: torch.Tensor) -> None:
         """Slices the triplet to the ranks where ``mask`` (r booleans) is True (PEFT's resize on load);
-        ``ranknum`` stays, so the scaling, and the output for masked ranks, are unchanged."""
+        ``ranknum`` stays, so the scaling, and the output for masked ranks, are unchanged. ``kept_ranks``
+        records the mask (the rank pattern a save writes back)."""
         idx = torch.as_tensor(mask, dtype=torch.bool, device=self.lora_E.device)
+        self.kept_ranks = [bool(k) for k in idx.tolist()]
         with torch.no_grad():
             self.lora_A = nn.Parameter(self.lora_A[idx].clone(), requires_grad=self.lora_A.requires_grad)
             self.lora_E = nn.Parameter(self.lora_E[idx].clone(), requires_grad=self.lora_E.requires_grad)
