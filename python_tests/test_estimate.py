@@ -40,6 +40,19 @@ def test_plan_matches_measured_peak(H, I, L, V, S, B, in_backward, dropout, fuse
     assert abs(plan.total - measured) / measured < 0.10, (plan.total, measured, plan.rows)
 
 
+def test_offload_moves_the_layer_inputs_on_the_gpu_only():
+    """Activation offload copies the checkpointed layer inputs to host memory on a GPU; on the CPU it
+    makes no copy (the same path, the inputs stay): the CPU plan is the plan without offload."""
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=8, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=500, max_position_embeddings=256)
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(cfg)
+    plans = {(dev, off): plan_from_model(meta, cfg, 256, 1, QLoRAConfig(r=8, offload_activations=off), device=dev)
+             for dev in ("cpu", "cuda") for off in (False, True)}
+    assert plans["cpu", True].total == plans["cpu", False].total and plans["cpu", True].host_bytes == 0
+    assert plans["cuda", True].total < plans["cuda", False].total and plans["cuda", True].host_bytes > 0
+
+
 def test_fused_layers_take_the_norm_saving_off_the_layer_phase():
     from qlora_ext.train.estimate import _FUSED_NORM_SAVING
 
@@ -90,6 +103,21 @@ def test_cli_estimate(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # a non-positive count: argparse's error, before any work
         cli_main(["estimate", "--model", str(tmp_path), "--seq-len", "0"])
     assert e.value.code == 2 and "argument --seq-len: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_cli_estimate_on_the_cpu_plans_float32_compute(tmp_path):
+    """--device cpu plans the compute dtype qlora-ext finetune trains in there (float32, which the CPU
+    constants were fitted on), not the GPU's bfloat16."""
+    cfg = transformers.LlamaConfig(hidden_size=160, intermediate_size=432, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=700, max_position_embeddings=512)
+    cfg.save_pretrained(tmp_path)
+    assert cli_main(["estimate", "--model", str(tmp_path), "--device", "cpu", "--seq-len", "160", "--batch", "4",
+                     "--json", str(tmp_path / "plan.json")]) == 0
+    rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(cfg)
+    want = plan_from_model(meta, cfg, 160, 4, QLoRAConfig(r=16, compute_dtype=torch.float32), device="cpu")
+    assert [list(r) for r in want.rows] == [list(r) for r in rows]
 
 
 @pytest.mark.parametrize("option,value", [("--gpu-gb", "nan"), ("--gpu-gb", "inf"), ("--gpu-gb", "0"),

@@ -149,8 +149,8 @@ def plan_from_model(model: nn.Module, hf_config, seq_len: int, batch: int, confi
     T, S, B = seq_len * batch, seq_len, batch
     ckpt = L * T * H * act + T * H * act
     host = 0
-    if config.offload_activations:  # the layer inputs live in pinned host memory; one layer's comes back
-        host, ckpt = L * T * H * act, 2 * T * H * act
+    if config.offload_activations and device == "cuda":  # the layer inputs live in pinned host memory; one
+        host, ckpt = L * T * H * act, 2 * T * H * act    # layer's comes back (on the CPU no copy is made)
     loss_phase = loss_phase_bytes(hf_config, T, config)
     a, b, c, d, e = _RECOMPUTE[device]
     mlp_tokens = min(S, config.mlp_chunk_size) * B if config.chunked_mlp else T
@@ -294,6 +294,8 @@ def main_from_args(args) -> MemoryPlan:
     config = QLoRAConfig(r=args.r, target_modules=parse_target_modules(args.target_modules), quant_type=None if args.quant_type == "none" else args.quant_type,
                          chunked_loss=args.chunked_loss, chunked_mlp=args.chunked_mlp,
                          offload_activations=args.offload, fused_layers=not getattr(args, "no_fused_layers", False),
+                         # as qlora-ext finetune computes on each device (the CPU: float32, its fitted constants')
+                         compute_dtype=torch.float32 if args.device == "cpu" else torch.bfloat16,
                          **({"upcast_non_quantized": False, "lora_dtype": torch.bfloat16} if args.bf16 else {}))
     plan = estimate(args.model, args.seq_len, args.batch, config, args.optim, args.step_in_backward, args.device)
     print(plan.format(args.gpu_gb))
