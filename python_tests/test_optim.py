@@ -412,6 +412,25 @@ def test_step_in_backward_equals_step(kind, device="cpu"):
     assert [s["step"] for s in opts[1].state.values()] == [8] * 6
 
 
+def test_step_in_backward_refuses_accumulation():
+    """A second backward before step() (gradient accumulation, as the Trainer does with
+    gradient_accumulation_steps > 1) would update twice per step: refused, before it updates anything;
+    with step() between backwards the mode trains on."""
+    net = _tiny_net()
+    opt = PagedAdamW(net.parameters(), lr=1e-2)
+    opt.step_in_backward()
+    x = torch.randn(4, 40)
+    net(x).square().mean().backward()
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match="a parameter got a second gradient before step"):
+        net(x).square().mean().backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    opt.zero_grad()
+    opt.step()
+    net(x).square().mean().backward()  # after step(): the next update
+    assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", [PagedAdamW, AdamW8bit], ids=lambda k: k.__name__)
 def test_cuda_step_in_backward_equals_step(cuda_device, kind):

@@ -112,6 +112,7 @@ class _AdamWBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        getattr(self, "_stepped_in_backward", set()).clear()  # (step_in_backward: the next backward may update)
         work = []
         for group in self.param_groups:
             _check_hyper(group)
@@ -201,13 +202,22 @@ class _AdamWBase(torch.optim.Optimizer):
             self._check_param(p)
         self._any_cuda = any(p.is_cuda for p in group_of)
 
+        stepped = self._stepped_in_backward = set()  # ids updated since the last step(): a second update
+                                                      # before it is a second backward, i.e. accumulation
         @torch.no_grad()
         def hook(p: torch.Tensor) -> None:
             if p.grad is None:
                 return
+            if id(p) in stepped:
+                raise RuntimeError("step_in_backward: a parameter got a second gradient before step() was called "
+                                   "(gradient accumulation, e.g. the Trainer's gradient_accumulation_steps > 1, or "
+                                   "reentrant checkpointing): each backward is one update in this mode, so "
+                                   "accumulating is not possible; call step() after every backward, or turn the "
+                                   "mode off")
             group = group_of[p]
             _check_hyper(group)
             self._any_cuda |= self._update(group, [(p, self._checked_grad(p))])
+            stepped.add(id(p))
             p.grad = None
 
         self._backward_hooks = [p.register_post_accumulate_grad_hook(hook) for p in group_of]
