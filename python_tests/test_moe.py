@@ -209,6 +209,8 @@ def test_bad_input(make):
         model(input_ids=ids)
     with pytest.raises(ValueError, match="one task id per sample"):
         model(input_ids=ids, task_ids=torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="task_ids must be integers, got torch.float32"):
+        model(input_ids=ids, task_ids=torch.tensor([1.7, 0.2]))
     set_task(model, 1)  # sticky: forwards without task_ids use it (generation)
     model(input_ids=ids[:1])
     with pytest.raises(ValueError, match="merge_task"):
