@@ -109,7 +109,8 @@ def test_trainer_callback_drives_the_budget_to_target(make, tmp_path):
     assert sum(kept) == 2 * len(kept)
 
 
-def test_adapters_load_both_ways(make, tmp_path):
+def _trained_pair(make):
+    """_pair after 6 training steps through the whole budget schedule (ours; PEFT's untouched)."""
     ours, theirs = _pair(make, total_step=6, tinit=0, tfinal=1, deltaT=1)
     ours.train()
     for step in range(6):
@@ -117,6 +118,11 @@ def test_adapters_load_both_ways(make, tmp_path):
         ours.zero_grad()
         ours(input_ids=ids, labels=ids).loss.backward()
         update_and_allocate(ours, step)
+    return ours, theirs
+
+
+def test_adapters_load_both_ways(make, tmp_path):
+    ours, theirs = _trained_pair(make)
     save_adapter(ours, tmp_path / "ours")
     ids = torch.randint(0, 128, (2, 9))
     peft_loaded = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
@@ -168,13 +174,7 @@ def test_loaded_adapter_saves_back_and_refuses_a_schedule(make, tmp_path):
     """An adapter loaded (sliced to its rank pattern) and saved again writes the same rank pattern and
     tensors (ours and PEFT load it to the same logits); continuing the budget schedule on it is refused
     with the reason (it ranks all init_r triplets)."""
-    ours, _ = _pair(make, total_step=6, tinit=0, tfinal=1, deltaT=1)
-    ours.train()
-    for step in range(6):
-        ids = torch.randint(0, 128, (2, 8))
-        ours.zero_grad()
-        ours(input_ids=ids, labels=ids).loss.backward()
-        update_and_allocate(ours, step)
+    ours, _ = _trained_pair(make)
     save_adapter(ours, tmp_path / "a")
     loaded = load_adapter(make(), tmp_path / "a", quant_type=None).eval()
     save_adapter(loaded, tmp_path / "b")
