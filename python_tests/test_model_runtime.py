@@ -48,6 +48,35 @@ def test_merge_task_copy_is_independent_of_the_original():
         assert torch.equal(dense(ids).logits, before)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(fused_layers=False, chunked_mlp=True, mlp_chunk_size=3),
+                                     dict(chunked_loss=True, offload_activations=True), "moe"],
+                         ids=["fused", "chunked-mlp", "loss-offload", "moe"])
+def test_deepcopy_of_a_prepared_model_is_independent(options):
+    """A deepcopy of a prepared model (an EMA or reference model) runs its own modules: the patched
+    forwards and hooks follow the copy; changing the original changes nothing in the copy, and the
+    copy's gradients land in the copy."""
+    import copy
+
+    if options == "moe":
+        cfg = MoELoRAConfig(r=4, num_experts=2, num_tasks=2, quant_type=None, chunked_loss=True)
+    else:
+        cfg = QLoRAConfig(r=4, quant_type=None, lora_dropout=0.0, **options)
+    model = prepare_model(_make(), cfg, verbose=False).eval()
+    _randomize(model)
+    kw = {"task_ids": torch.tensor([1])} if options == "moe" else {}
+    ids = torch.randint(0, 128, (1, 8))
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=ids, **kw).loss
+        for p in model.parameters():
+            p.mul_(1.5)  # the original changes; the copy must not
+        assert torch.equal(clone(input_ids=ids, labels=ids, **kw).loss, want)
+    clone.train()
+    clone(input_ids=ids, labels=ids, **kw).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in clone.parameters() if p.requires_grad)
+
+
 def test_merge_and_unload_adalora_runs():
     model = prepare_model(_make(), AdaLoRAConfig(init_r=4, target_r=2, total_step=5, quant_type=None), verbose=False)
     merge_and_unload(model)

@@ -135,7 +135,7 @@ def merge_task(model: nn.Module, task_id: int, dtype: torch.dtype | None = None)
 
     scales = task_rank_scale(model, task_id)
     dense = copy.deepcopy(model)
-    strip(dense)  # hooks and patched forwards of the copy still point at the original's closures
+    strip(dense)  # the copy serves dense: its hooks and patched forwards come off
     for name, layer in _lora_layers(dense).items():
         _set_submodule(dense, name, layer.to_linear(dtype, rank_scale=scales[name]))
     if hasattr(dense, _GATE):
