@@ -311,9 +311,15 @@ def test_bf16_options_keep_the_model_dtype(llama):
         QLoRAConfig(lora_dtype=torch.int8)
 
 
-@pytest.mark.parametrize("field,value,message", [("use_dora", True, "use_dora=True is not supported"),
-                                                 ("bias", "all", "bias='all' is not supported"),
-                                                 ("rank_pattern", {"q_proj": 2}, "per-layer rank_pattern")])
+@pytest.mark.parametrize("field,value,message", [
+    ("use_dora", True, "use_dora=True is not supported"), ("bias", "all", "bias='all' is not supported"),
+    ("rank_pattern", {"q_proj": 2}, "per-layer rank_pattern"), ("lora_bias", True, "lora_bias=True is not supported"),
+    ("exclude_modules", ["q_proj"], "exclude_modules is not supported"),
+    ("trainable_token_indices", [1, 2], "trainable_token_indices is not supported"),
+    ("init_lora_weights", "pissa", "init_lora_weights='pissa' adapters change the base weight"),
+    ("init_lora_weights", "pissa_niter_4", "'pissa_niter_4' adapters change the base weight"),
+    ("init_lora_weights", "olora", "'olora' adapters change the base weight"),
+    ("init_lora_weights", "loftq", "'loftq' adapters change the base weight")])
 def test_adapter_features_we_do_not_load(llama, tmp_path, field, value, message):
     make, _ = llama
     save_adapter(prepare_model(make(), QLoRAConfig(r=4, quant_type=None), verbose=False), tmp_path)
@@ -322,3 +328,38 @@ def test_adapter_features_we_do_not_load(llama, tmp_path, field, value, message)
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message):
         load_adapter(make(), tmp_path)
+
+
+def test_modules_to_save_round_trip_with_peft_by_full_name(llama, tmp_path):
+    """modules_to_save=["model.norm"] is written under its full name (PEFT matches the names as plain
+    suffixes: a bare "norm" made it wrap every *norm and fail to load); PEFT and ours load it to the
+    same logits. A PEFT SEQ_CLS adapter lists both task heads (classifier, score): the one the model has
+    is loaded."""
+    make, ids = llama
+    ours = prepare_model(make(), QLoRAConfig(r=4, quant_type=None, modules_to_save=["model.norm"]),
+                         verbose=False).eval()
+    _randomize_adapters(ours)
+    with torch.no_grad():
+        ours.model.norm.weight.mul_(1.5)
+    save_adapter(ours, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["modules_to_save"] == ["model.norm"]
+    theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "a").eval()
+    back = load_adapter(make(), tmp_path / "a", quant_type=None).eval()
+    with torch.no_grad():
+        want = ours(ids).logits
+        assert _rel(theirs(ids).logits, want) <= 1e-5 and _rel(back(ids).logits, want) <= 1e-6
+    cfg = transformers.LlamaConfig(**{**_llama_config().to_dict(), "num_labels": 3, "pad_token_id": 0})
+    torch.manual_seed(2)
+    cls = transformers.LlamaForSequenceClassification(cfg).eval()
+    state = cls.state_dict()
+    seq = peft.get_peft_model(cls, peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    assert set(seq.peft_config["default"].modules_to_save) >= {"classifier", "score"}
+    seq.save_pretrained(tmp_path / "s")
+
+    def fresh():
+        m = transformers.LlamaForSequenceClassification(cfg)
+        m.load_state_dict(state)
+        return m.eval()
+    loaded = load_adapter(fresh(), tmp_path / "s", quant_type=None).eval()
+    with torch.no_grad():
+        assert _rel(loaded(ids).logits, peft.PeftModel.from_pretrained(fresh(), tmp_path / "s").eval()(ids).logits) <= 1e-5

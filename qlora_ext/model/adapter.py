@@ -81,7 +81,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     saved_modules = []
     for name, module in model.named_modules():
         if config.modules_to_save and matches(name, config.modules_to_save) and name not in layers:  # noqa: SIM102
-            saved_modules.append(name.rsplit(".", 1)[-1])
+            saved_modules.append(name)  # the full name: PEFT matches these as suffixes (norm: every *norm)
             for k, v in module.state_dict().items():
                 tensors[f"{_PREFIX}{name}.{k}"] = v.detach()
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
@@ -123,10 +123,19 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     if not isinstance(cfg, dict) or cfg.get("peft_type") not in ("LORA", "ADALORA"):
         raise ValueError(f"{path}: only LoRA and AdaLoRA adapters are supported, got "
                          f"peft_type={cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r}")
-    unsupported = {"use_dora": True, "fan_in_fan_out": True}
+    unsupported = {"use_dora": True, "fan_in_fan_out": True, "lora_bias": True}
     for key, bad in unsupported.items():
         if cfg.get(key) == bad:
             raise ValueError(f"{path}: {key}={bad} is not supported")
+    for key in ("exclude_modules", "trainable_token_indices"):
+        if cfg.get(key):
+            raise ValueError(f"{path}: {key} is not supported yet")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "loftq")):
+        # these initializations move part of the base weight into the adapter: PEFT rebuilds that base on
+        # load; over the original base the adapter would give other outputs
+        raise ValueError(f"{path}: init_lora_weights={init!r} adapters change the base weight (PEFT re-derives "
+                         "it on load): not supported over the original base")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={cfg['bias']!r} is not supported (only 'none')")
     for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
@@ -183,6 +192,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, **config_overri
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     tensors = {k.removeprefix(_PREFIX): v for k, v in tensors.items()}
+    if cfg.get("modules_to_save"):  # PEFT lists its task's candidates (SEQ_CLS: classifier and score) and
+        names = [n for n, _ in model.named_modules()]  # keeps the ones the model has
+        cfg["modules_to_save"] = [p for p in cfg["modules_to_save"] if any(matches(n, [p]) for n in names)]
     if cfg["peft_type"] == "ADALORA":
         from .adalora import load_adalora_adapter
         return load_adalora_adapter(model, cfg, tensors, path, **config_overrides)
