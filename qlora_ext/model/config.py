@@ -92,11 +92,12 @@ class QLoRAConfig:
         if self.offload_activations and not self.gradient_checkpointing:
             raise ValueError("offload_activations needs gradient_checkpointing=True (it offloads the checkpointed inputs)")
 
-    def lora_kwargs(self) -> dict:
-        """Keyword arguments of the layer constructors (``from_linear``)."""
+    def lora_kwargs(self, quantized: bool | None = None) -> dict:
+        """Keyword arguments of the layer constructors (``from_linear``): with the 4-bit ones when
+        ``quantized`` (default: when the config has a quant_type)."""
         kw = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, use_rslora=self.use_rslora,
                   init_lora_weights=self.init_lora_weights, lora_dtype=self.lora_dtype)
-        if self.quant_type is not None:
+        if self.quant_type is not None if quantized is None else quantized:
             kw.update(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant,
                       compute_dtype=self.compute_dtype)
         return kw

@@ -75,13 +75,9 @@ def layer_class(model: nn.Module, name: str, config: QLoRAConfig) -> tuple[type[
     """The layer class that replaces target ``name`` and its constructor arguments: QuantLoRALinear with
     a 4-bit base, except for modules the model keeps in float32 (:func:`keeps_full_precision`), which
     get LoRALinear over their dense weight, as bitsandbytes + PEFT leave them."""
-    kwargs = config.lora_kwargs()
-    if config.quant_type is None:
-        return LoRALinear, kwargs
-    if keeps_full_precision(model, name):
-        return LoRALinear, {k: v for k, v in kwargs.items()
-                            if k not in ("quant_type", "blocksize", "double_quant", "compute_dtype")}
-    return QuantLoRALinear, kwargs
+    if config.quant_type is None or keeps_full_precision(model, name):
+        return LoRALinear, config.lora_kwargs(quantized=False)
+    return QuantLoRALinear, config.lora_kwargs()
 
 
 @torch.no_grad()

@@ -71,11 +71,11 @@ class TaskGate(_ForwardStateNotCopied, nn.Module):
         if task_ids is None:
             self.task_ids = None
             return
-        if (isinstance(task_ids, torch.Tensor) and (task_ids.is_floating_point() or task_ids.is_complex())) or \
-                isinstance(task_ids, float):
-            raise TypeError(f"task_ids must be integers, got {getattr(task_ids, 'dtype', type(task_ids).__name__)}")
-        t = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)  # (checked where it lives: ids from a
-        n = self.task_embedding.num_embeddings                         # CPU loader cost no GPU sync)
+        t = torch.as_tensor(task_ids)
+        if t.is_floating_point() or t.is_complex():  # (a cast to long would truncate them silently)
+            raise TypeError(f"task_ids must be integers, got {t.dtype}")
+        t = t.to(torch.long).reshape(-1)  # (checked where it lives: ids from a CPU loader cost no GPU sync)
+        n = self.task_embedding.num_embeddings
         if t.numel():
             lo, hi = torch.aminmax(t)
             lo, hi = torch.stack([lo, hi]).tolist()  # one device read

@@ -85,10 +85,8 @@ class _AdamWBase(torch.optim.Optimizer):
         costs a few attribute reads: this runs per tensor per step."""
         g, dtype = p.grad, p.dtype
         if dtype in _PARAM_DTYPES and p.is_contiguous() and g.layout is torch.strided:
-            if g.dtype is dtype:
-                return g.contiguous()  # (g itself when already contiguous)
-            # a copy in p's dtype, contiguous whatever g's strides (with p's dtype, to() returns g itself)
-            return g.to(dtype, memory_format=torch.contiguous_format)
+            # (to() would return a non-contiguous g itself when the dtype already matches)
+            return g.contiguous() if g.dtype is dtype else g.to(dtype, memory_format=torch.contiguous_format)
         if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         self._check_param(p)
@@ -202,8 +200,9 @@ class _AdamWBase(torch.optim.Optimizer):
             self._check_param(p)
         self._any_cuda = any(p.is_cuda for p in group_of)
 
-        stepped = self._stepped_in_backward = set()  # ids updated since the last step(): a second update
-                                                      # before it is a second backward, i.e. accumulation
+        # ids updated since the last step(): a second update before it is a second backward (accumulation)
+        stepped = self._stepped_in_backward = set()
+
         @torch.no_grad()
         def hook(p: torch.Tensor) -> None:
             if p.grad is None:
